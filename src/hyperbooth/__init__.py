@@ -1,0 +1,2 @@
+"""hyperbooth."""
+__version__ = "0.1.0"

@@ -1,0 +1,229 @@
+"""Applying `LoRAWeights` to a frozen model, per sample, shared, or merged — and restoring it bit-exactly.
+
+For a target module with frozen weight ``W`` and one LoRA per batch row:
+
+    y_n = W x_n + (alpha_n / r_n) · B_n (A_n x_n)
+
+computed for the whole batch with two ``bmm`` calls (no Python loop over rows). Supported modules are
+``nn.Linear`` and the 1×1, stride-1 ``nn.Conv2d`` that SD 1.5 uses for ``proj_in``/``proj_out``.
+
+Modes of :meth:`LoRAInjector.apply`:
+
+- ``"per_sample"``: batch row ``i`` uses subject ``rows[i]`` of the LoRA; ``rows[i] = -1`` carries no LoRA
+  (the base rows of HM-CFG). Without ``rows``, the batch must be a multiple of N and row ``i`` uses subject
+  ``i mod N`` (so a classifier-free-guidance batch ``[uncond; cond]`` personalizes both halves).
+- ``"shared"``: one LoRA (N = 1) for every row.
+- ``"merged"``: one LoRA folded into ``W`` (``W ← W + ΔW``); on exit the saved ``W`` is copied back, so the
+  model is restored bit for bit. Inference only: no gradient reaches the factors.
+
+The other modes add a forward hook per module and remove it on exit; nothing in the model changes. Gradients
+flow to ``A``/``B`` (a hypernetwork's output) and to nothing the caller has frozen.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from hyperbooth.errors import ConfigError, LoRAFileError
+from hyperbooth.lora.weights import LoRAWeights
+
+#: The SD attention projections (self and cross attention) in diffusers' UNet2DConditionModel.
+DEFAULT_UNET_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+#: The attention projections of a CLIP-style text encoder (transformers' CLIPTextModel).
+DEFAULT_TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+MODES = ("per_sample", "shared", "merged")
+
+
+def base_module(module: nn.Module) -> nn.Module:
+    """The frozen layer itself: a PEFT-wrapped layer (``lora.Linear`` …) keeps it in ``base_layer``."""
+    while hasattr(module, "base_layer") and isinstance(module.base_layer, nn.Module):
+        module = module.base_layer
+    return module
+
+
+def module_shape(name: str, module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a LoRA-able module; a clear error for anything else."""
+    module = base_module(module)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d):
+        if module.kernel_size != (1, 1) or module.stride != (1, 1) or module.groups != 1 or module.padding not in ((0, 0), "valid"):
+            raise ConfigError(f"module {name!r} is a {module.kernel_size} conv; only 1x1, stride-1, ungrouped Conv2d takes a LoRA")
+        return module.in_channels, module.out_channels
+    raise ConfigError(f"module {name!r} is a {type(module).__name__}; LoRA targets must be nn.Linear or 1x1 nn.Conv2d")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_targets(model: nn.Module, patterns: Sequence[str] = DEFAULT_UNET_TARGETS) -> dict[str, nn.Module]:
+    """Modules of ``model`` whose name equals a pattern or ends with ``"." + pattern`` (``"re:…"`` for a regex).
+
+    Returns name → module in the model's order. Raises if nothing matches or a match cannot take a LoRA.
+    """
+    found = {name: m for name, m in model.named_modules() if name and any(_matches(name, p) for p in patterns)}
+    if not found:
+        raise ConfigError(f"no module of {type(model).__name__} matches the LoRA targets {list(patterns)}")
+    for name, module in found.items():
+        module_shape(name, module)
+    return found
+
+
+def target_shapes(model: nn.Module, patterns: Sequence[str] = DEFAULT_UNET_TARGETS) -> dict[str, tuple[int, int]]:
+    """name → ``(d_in, d_out)`` of every target: what a hypernetwork must emit for this model."""
+    return {name: module_shape(name, m) for name, m in find_targets(model, patterns).items()}
+
+
+def check_compatible(model: nn.Module, weights: LoRAWeights, source: str = "LoRA") -> dict[str, nn.Module]:
+    """Resolve each LoRA module name in ``model`` and check its shape; the error names the first bad key."""
+    modules = dict(model.named_modules())
+    resolved = {}
+    for name, layer in weights.items():
+        module = modules.get(name)
+        if module is None or not name:
+            raise LoRAFileError(f"{source}: module {name!r} does not exist in {type(model).__name__}")
+        try:
+            d_in, d_out = module_shape(name, module)
+        except ConfigError as e:
+            raise LoRAFileError(f"{source}: {e}") from None
+        if (layer.d_in, layer.d_out) != (d_in, d_out):
+            raise LoRAFileError(
+                f"{source}: module {name!r} has shape (d_in={d_in}, d_out={d_out}) in the model but "
+                f"(d_in={layer.d_in}, d_out={layer.d_out}) in the LoRA"
+            )
+        resolved[name] = module
+    return resolved
+
+
+def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv: bool):
+    """A forward hook adding ``B (A x)`` per row. ``A (N, r, d_in)``, ``B (N, d_out, r)`` with the scale folded in.
+
+    ``rows``: ``(batch,)`` subject index per row, -1 for none; ``None`` means row ``i`` uses subject ``i mod N``.
+    """
+    n = A.shape[0]
+    if rows is not None:
+        keep = (rows >= 0).to(B.dtype)[:, None, None]  # (batch, 1, 1)
+        A_rows = A[rows.clamp(min=0)]  # (batch, r, d_in)
+        B_rows = B[rows.clamp(min=0)] * keep  # (batch, d_out, r)
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        batch = x.shape[0]
+        if rows is not None:
+            if batch != rows.shape[0]:
+                raise ConfigError(f"per-sample LoRA was given {rows.shape[0]} row indices but the batch has {batch} rows")
+            a, b = A_rows, B_rows
+        elif n == 1:
+            a, b = A, B  # broadcast over the batch
+        elif batch % n == 0:
+            a, b = A.repeat(batch // n, 1, 1), B.repeat(batch // n, 1, 1)
+        else:
+            raise ConfigError(f"per-sample LoRA holds N={n} subjects but the batch has {batch} rows (not a multiple)")
+        if conv:  # x: (batch, d_in, H, W)
+            h = torch.matmul(a, x.flatten(2))  # (batch, r, HW)
+            return output + torch.matmul(b, h).view_as(output)  # (batch, d_out, H, W)
+        x3 = x.reshape(batch, -1, x.shape[-1])  # (batch, L, d_in)
+        h = torch.matmul(x3, a.transpose(1, 2))  # (batch, L, r)
+        return output + torch.matmul(h, b.transpose(1, 2)).view_as(output)  # (batch, L, d_out)
+
+    return hook
+
+
+class LoRAInjector:
+    """Applies :class:`LoRAWeights` to a model inside a context that restores it bit-exactly on exit.
+
+    >>> injector = LoRAInjector(unet)
+    >>> with injector.apply(weights, mode="per_sample", rows=torch.tensor([-1, -1, 0])):
+    ...     eps = unet(x_t, t, cond).sample
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._active = False
+
+    @contextmanager
+    def apply(
+        self,
+        weights: LoRAWeights,
+        mode: str = "per_sample",
+        rows: torch.Tensor | Sequence[int] | None = None,
+        scale: float = 1.0,
+    ) -> Iterator[nn.Module]:
+        if mode not in MODES:
+            raise ConfigError(f"unknown LoRA mode {mode!r}; choose one of {', '.join(MODES)}")
+        if self._active:
+            raise ConfigError("this LoRAInjector is already applied; exit its context before applying again")
+        if mode in ("shared", "merged") and weights.num_subjects != 1:
+            raise ConfigError(f"LoRA mode {mode!r} takes one subject, got N={weights.num_subjects}; select one or use 'per_sample'")
+        if rows is not None and mode != "per_sample":
+            raise ConfigError(f"row indices are only meaningful in 'per_sample' mode, not {mode!r}")
+        modules = check_compatible(self.model, weights)
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long, device=weights.device)
+            if rows.ndim != 1 or (rows >= weights.num_subjects).any() or (rows < -1).any():
+                raise ConfigError(f"row indices must be a 1-D list of subjects in [-1, {weights.num_subjects - 1}], got {rows.tolist()}")
+        self._active = True
+        try:
+            if mode == "merged":
+                with self._merged(weights, modules, scale):
+                    yield self.model
+            else:
+                with self._hooked(weights, modules, rows, scale):
+                    yield self.model
+        finally:
+            self._active = False
+
+    @contextmanager
+    def _hooked(self, weights, modules, rows, scale):
+        handles = []
+        try:
+            for name, module in modules.items():
+                layer = weights[name]
+                w = base_module(module).weight
+                A = layer.A.to(device=w.device, dtype=w.dtype)
+                B = (layer.B * (layer.scale * scale)).to(device=w.device, dtype=w.dtype)
+                r = None if rows is None else rows.to(w.device)
+                conv = isinstance(base_module(module), nn.Conv2d)
+                handles.append(module.register_forward_hook(_lora_hook(A, B, r, conv)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def _merged(self, weights, modules, scale):
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            with torch.no_grad():
+                for name, module in modules.items():
+                    w = base_module(module).weight
+                    saved[name] = w.detach().clone()
+                    delta = weights[name].delta()[0] * scale  # (d_out, d_in)
+                    w.add_(delta.to(device=w.device, dtype=w.dtype).view_as(w))
+            yield
+        finally:
+            with torch.no_grad():
+                for name, original in saved.items():
+                    base_module(modules[name]).weight.copy_(original)
+
+
+@contextmanager
+def apply_lora(
+    model: nn.Module,
+    weights: LoRAWeights,
+    mode: str = "per_sample",
+    rows: torch.Tensor | Sequence[int] | None = None,
+    scale: float = 1.0,
+) -> Iterator[nn.Module]:
+    """``with apply_lora(unet, weights, mode=...):`` — one-shot form of :meth:`LoRAInjector.apply`."""
+    with LoRAInjector(model).apply(weights, mode=mode, rows=rows, scale=scale) as m:
+        yield m

@@ -19,6 +19,7 @@ from hyperbooth.errors import HyperboothError
 COMMAND_MODULES = (
     "hyperbooth.demo",
     "hyperbooth.lora.cli",
+    "hyperbooth.train.cli",
     # "hyperbooth.world.cli",
 )
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hyperbooth.errors import ConfigError, LoRAFileError
@@ -118,22 +119,27 @@ def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         batch = x.shape[0]
+        if rows is None and n == 1:  # one LoRA for every row: plain matmuls, no batch gather
+            a, b = A[0], B[0]  # (r, d_in), (d_out, r)
+            if conv:  # x: (batch, d_in, H, W)
+                return output + torch.matmul(b, torch.matmul(a, x.flatten(2))).view_as(output)
+            return output + F.linear(F.linear(x, a), b)
         if rows is not None:
             if batch != rows.shape[0]:
                 raise ConfigError(f"per-sample LoRA was given {rows.shape[0]} row indices but the batch has {batch} rows")
             a, b = A_rows, B_rows
-        elif n == 1:
-            a, b = A, B  # broadcast over the batch
+        elif batch == n:
+            a, b = A, B
         elif batch % n == 0:
             a, b = A.repeat(batch // n, 1, 1), B.repeat(batch // n, 1, 1)
         else:
             raise ConfigError(f"per-sample LoRA holds N={n} subjects but the batch has {batch} rows (not a multiple)")
         if conv:  # x: (batch, d_in, H, W)
-            h = torch.matmul(a, x.flatten(2))  # (batch, r, HW)
-            return output + torch.matmul(b, h).view_as(output)  # (batch, d_out, H, W)
+            h = torch.bmm(a, x.flatten(2))  # (batch, r, HW)
+            return output + torch.bmm(b, h).view_as(output)  # (batch, d_out, H, W)
         x3 = x.reshape(batch, -1, x.shape[-1])  # (batch, L, d_in)
-        h = torch.matmul(x3, a.transpose(1, 2))  # (batch, L, r)
-        return output + torch.matmul(h, b.transpose(1, 2)).view_as(output)  # (batch, L, d_out)
+        h = torch.bmm(x3, a.transpose(1, 2))  # (batch, L, r)
+        return output + torch.bmm(h, b.transpose(1, 2)).view_as(output)  # (batch, L, d_out)
 
     return hook
 

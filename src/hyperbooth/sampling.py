@@ -1,0 +1,76 @@
+"""The sampling loop: any diffusers scheduler, any guidance rule, one model call per step.
+
+``denoise`` is the loop; what a step's prediction is (CFG, HM-CFG, per-sample LoRA rows) is the ``model_fn``
+the caller passes, so every guidance rule shares the same loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hyperbooth.errors import ConfigError
+
+#: Scheduler names accepted on the command line → diffusers class names.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def make_scheduler(name: str, base_scheduler):
+    """A scheduler of kind ``name`` with the training noise schedule of ``base_scheduler`` (its config)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    return cls.from_config(base_scheduler.config)
+
+
+@torch.no_grad()
+def denoise(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    shape: tuple[int, ...],
+    steps: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run ``steps`` of ``scheduler`` from Gaussian noise of ``shape``; ``model_fn(x_t, t) -> prediction``.
+
+    The same ``generator`` (seeded) gives the same result on the same device. ``callback(i, t, x_t)`` runs after
+    every step.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    scheduler.set_timesteps(steps, device=device)
+    x = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device=device, dtype=dtype)
+    x = x * scheduler.init_noise_sigma
+    step_kwargs = {"generator": generator} if "generator" in _step_params(scheduler) else {}
+    timesteps = scheduler.timesteps
+    if progress:
+        from tqdm.auto import tqdm
+
+        timesteps = tqdm(timesteps, desc="sampling", leave=False)
+    for i, t in enumerate(timesteps):
+        x_in = scheduler.scale_model_input(x, t)
+        pred = model_fn(x_in, t.expand(shape[0]))
+        x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def _step_params(scheduler) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(scheduler.step).parameters)

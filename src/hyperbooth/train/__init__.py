@@ -1,0 +1,1 @@
+"""Training: the shared pieces (EMA, schedules, atomic checkpoints) and the trainers built on them."""

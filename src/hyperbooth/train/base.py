@@ -1,0 +1,265 @@
+"""Training the embedded world's text-to-image base model (``hyperbooth train-base``).
+
+Reads top to bottom: config → model, text encoder, data → loop (render a batch, noise it, predict, Min-SNR MSE,
+AdamW, EMA) → atomic checkpoints → the exported diffusers model folder (EMA weights, fp16 safetensors).
+
+Data order is a function of the step (sample ``i`` of step ``s`` is dataset index ``s · B + i``) and the noise
+comes from one seeded generator whose state is checkpointed, so ``--resume`` continues the exact run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hyperbooth.config import save_config, to_dict
+from hyperbooth.diffusion import PREDICTION_TYPES, diffusion_loss, loss_weights, training_target
+from hyperbooth.errors import ConfigError
+from hyperbooth.train.ema import EMA
+from hyperbooth.train.state import latest_checkpoint, load_state, save_state, warmup_cosine, write_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    resolution: int = 32
+    seed: int = 0
+    cond_dropout: float = 0.1  # probability of training a sample on the empty prompt (for classifier-free guidance)
+    text_max_length: int = 24
+
+    def validate(self) -> None:
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ConfigError(f"data.cond_dropout={self.cond_dropout} must be in [0, 1)")
+
+
+@dataclass
+class DiffusionConfig:
+    prediction_type: str = "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    min_snr_gamma: float = 5.0  # 0 turns Min-SNR weighting off
+
+    def validate(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"diffusion.prediction_type={self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+            raise ConfigError(f"diffusion.beta_schedule={self.beta_schedule!r} is not one of linear, scaled_linear, squaredcos_cap_v2")
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    max_steps: int = 5000
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+    def validate(self) -> None:
+        for key in ("batch_size", "max_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"optim.{key}={getattr(self, key)} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr={self.lr} must be positive")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1)")
+
+
+@dataclass
+class BaseTrainConfig:
+    out_dir: str = "runs/world_base"
+    unet: dict = field(default_factory=dict)  # overrides of WORLD_UNET_CONFIG
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str = "no"  # "no" or "bf16"
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    checkpoint_every: int = 500
+    log_every: int = 25
+
+    def validate(self) -> None:
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r} must be 'no' or 'bf16'")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ConfigError("checkpoint_every and log_every must be at least 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a torch device") from None
+
+
+def build_unet(cfg: BaseTrainConfig):
+    from diffusers import UNet2DConditionModel
+
+    from hyperbooth.world.base_model import WORLD_UNET_CONFIG
+
+    config = {**WORLD_UNET_CONFIG, **cfg.unet, "sample_size": cfg.data.resolution}
+    try:
+        return UNet2DConditionModel(**config)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"unet config is invalid: {e}") from None
+
+
+def build_scheduler(cfg: DiffusionConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=True,
+        clip_sample_range=1.0,
+    )
+
+
+class BatchSource:
+    """Step → a training batch: rendered images, their prompts' token states, condition-dropout applied."""
+
+    def __init__(self, cfg: BaseTrainConfig, text_encoder, size: int):
+        from hyperbooth.world.datasets import BaseSampleDataset
+
+        self.dataset = BaseSampleDataset(split="train", size=size, resolution=cfg.data.resolution, seed=cfg.data.seed)
+        self.text = text_encoder
+        self.batch_size = cfg.optim.batch_size
+        self.cond_dropout = cfg.data.cond_dropout
+
+    def __call__(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start = step * self.batch_size
+        items = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.batch_size)]
+        images = torch.stack([item["image"] for item in items])  # (B, 3, H, W) in [-1, 1]
+        drop = torch.rand(self.batch_size, generator=generator) < self.cond_dropout
+        prompts = ["" if d else item["prompt"] for item, d in zip(items, drop.tolist())]
+        states, mask = self.text(prompts)  # (B, L, d), (B, L)
+        return images, states, mask
+
+
+def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
+    """Train (or resume) and export the base model; returns the exported model folder."""
+    from tqdm.auto import tqdm
+
+    from hyperbooth.text import TextEncoder
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    unet = build_unet(cfg).to(device).train()
+    scheduler = build_scheduler(cfg.diffusion)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    text = TextEncoder.minilm(max_length=cfg.data.text_max_length)
+    batches = BatchSource(cfg, text, size=cfg.optim.max_steps * cfg.optim.batch_size)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio)
+    )
+    ema = EMA(unet, cfg.optim.ema_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no checkpoint under %s; starting from step 0", out)
+    if checkpoint is not None:
+        step = _load_checkpoint(checkpoint, unet, optimizer, lr_schedule, ema, generator)
+        log.info("resumed from %s at step %d", checkpoint, step)
+    save_config(cfg, out / "config.yaml")
+
+    csv_path = out / "log.csv"
+    new_log = not csv_path.exists() or step == 0
+    log_file = open(csv_path, "w" if new_log else "a", newline="")
+    writer = csv.writer(log_file)
+    if new_log:
+        writer.writerow(["step", "loss", "lr", "images_per_s", "elapsed_s"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    bar = tqdm(total=cfg.optim.max_steps, initial=step, desc="train-base", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    window_loss, window_images, t_window = 0.0, 0, time.perf_counter()
+    try:
+        while step < cfg.optim.max_steps:
+            images, states, mask = batches(step, generator)
+            images, states, mask = images.to(device), states.to(device), mask.to(device)
+            noise = torch.randn(images.shape, generator=generator).to(device)
+            t = torch.randint(0, cfg.diffusion.num_train_timesteps, (images.shape[0],), generator=generator).to(device)
+            x_t = scheduler.add_noise(images, noise, t.cpu()).to(device)
+            target = training_target(cfg.diffusion.prediction_type, images, noise, alphas_cumprod, t)
+            weights = loss_weights(cfg.diffusion.prediction_type, alphas_cumprod, t, cfg.diffusion.min_snr_gamma)
+            with autocast:
+                pred = unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+            loss = diffusion_loss(pred, target, weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            lr_schedule.step()
+            ema.update(unet)
+            step += 1
+
+            window_loss += loss.item()
+            window_images += images.shape[0]
+            if step % cfg.log_every == 0 or step == cfg.optim.max_steps:
+                elapsed = time.perf_counter() - t_window
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                ips = window_images / max(elapsed, 1e-9)
+                writer.writerow([step, f"{window_loss / n:.5f}", f"{lr_schedule.get_last_lr()[0]:.3e}", f"{ips:.1f}", f"{time.perf_counter() - t_start:.0f}"])
+                log_file.flush()
+                bar.set_postfix(loss=f"{window_loss / n:.4f}", img_s=f"{ips:.1f}")
+                window_loss, window_images, t_window = 0.0, 0, time.perf_counter()
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.optim.max_steps:
+                write_checkpoint(out, step, lambda folder: _write_checkpoint(folder, cfg, step, unet, optimizer, lr_schedule, ema, generator))
+    finally:
+        bar.close()
+        log_file.close()
+    log.info("trained %d steps in %.1f min", step, (time.perf_counter() - t_start) / 60)
+    return export_base_model(out / "model", cfg, unet, ema, scheduler)
+
+
+def _write_checkpoint(folder: Path, cfg, step, unet, optimizer, lr_schedule, ema, generator) -> None:
+    unet.save_pretrained(folder / "unet")
+    save_state(folder / "state.pt", {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "ema": ema.state_dict(),
+        "generator": generator.get_state(),
+        "config": to_dict(cfg),
+    })
+
+
+def _load_checkpoint(folder: Path, unet, optimizer, lr_schedule, ema, generator) -> int:
+    from safetensors.torch import load_file
+
+    state = load_state(folder / "state.pt")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.load_state_dict(load_file(str(weights)))
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    ema.load_state_dict(state["ema"])
+    generator.set_state(state["generator"])
+    return int(state["step"])
+
+
+def export_base_model(folder: Path, cfg: BaseTrainConfig, unet, ema: EMA, scheduler) -> Path:
+    """Write the EMA weights as a diffusers model folder (fp16 safetensors) with the resolved config."""
+    from hyperbooth.world.base_model import save_world_model
+
+    ema.copy_to(unet)
+    return save_world_model(folder, unet.eval(), scheduler, cfg)

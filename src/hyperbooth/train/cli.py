@@ -1,0 +1,25 @@
+"""`hyperbooth train-base`: train the embedded world's base model from a YAML preset plus key=value overrides."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hyperbooth.config import load_config
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train-base", help="train the embedded world's text-to-image base model")
+    parser.add_argument("--config", type=Path, default=None, help="YAML preset (e.g. configs/world_base.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.max_steps=100")
+    parser.set_defaults(func=_train_base)
+
+
+def _train_base(args: argparse.Namespace) -> int:
+    from hyperbooth.train.base import BaseTrainConfig, train_base
+
+    cfg = load_config(BaseTrainConfig, args.config, args.overrides)
+    folder = train_base(cfg, resume=args.resume)
+    print(f"base model written to {folder}")
+    return 0

@@ -1,0 +1,70 @@
+"""Training checkpoints written atomically, and the learning-rate schedule.
+
+A checkpoint is a folder ``<out>/checkpoints/step-<N>/`` written under a temporary name and renamed when complete;
+``<out>/checkpoints/latest`` (replaced atomically) names the newest one. An interrupted run therefore always finds
+a complete checkpoint to resume from, and nothing already written is lost. State files are read with
+``torch.load(weights_only=True)``: no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from hyperbooth.errors import CheckpointError
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def write_checkpoint(out_dir: Path, step: int, write_fn, keep: int = 2) -> Path:
+    """Call ``write_fn(folder)`` on a temporary folder, rename it to ``step-<step>``, point ``latest`` at it."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_fn(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, root / "latest")
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint under ``out_dir``, or None."""
+    pointer = Path(out_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    folder = pointer.parent / pointer.read_text().strip()
+    if not folder.is_dir():
+        raise CheckpointError(f"{pointer} names {folder.name}, which does not exist; delete {pointer} to start over")
+    return folder
+
+
+def save_state(path: Path, state: dict) -> None:
+    torch.save(state, path)
+
+
+def load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"training state {path} is missing; the checkpoint folder is incomplete") from None
+    except Exception as e:
+        raise CheckpointError(f"training state {path} cannot be read ({type(e).__name__}: {e})") from None

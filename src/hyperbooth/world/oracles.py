@@ -1,0 +1,304 @@
+"""The world's oracle metrics: an identity encoder and a context classifier, trained on renders, shipped frozen.
+
+They stand where DINO / CLIP-I (subject fidelity) and CLIP-T (prompt fidelity) stand on DreamBench, and are used
+only to evaluate, never as a training loss.
+
+- :class:`IdentityEncoder`: image → unit 128-d embedding. Trained contrastively (InfoNCE, Oord et al. 2018) on
+  pairs of renders of one identity under different backgrounds, accessories and poses, so the cosine is high for
+  one identity across contexts and low across identities. Recolouring changes what an identity looks like and is
+  left out of its positives.
+- :class:`ContextClassifier`: image → logits for class, background, recolour and accessory.
+
+Both see blur, noise and slight colour shifts in training so that they judge generated images, not only clean
+renders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperbooth.errors import CheckpointError
+from hyperbooth.world import contexts as ctx
+from hyperbooth.world.render import render, sample_pose
+from hyperbooth.world.splits import identity_seeds
+
+log = logging.getLogger(__name__)
+
+SHIPPED_ORACLES = Path(__file__).resolve().parent.parent / "assets" / "world" / "oracles"
+RETRAIN_HINT = "retrain them with `hyperbooth world train-oracles` (a few minutes on 2 CPU cores)"
+HEADS = ("class", "background", "recolor", "accessory")
+
+
+def _vocab() -> dict[str, tuple[str, ...]]:
+    return {"class": ctx.CLASSES, "background": ctx.BACKGROUND_NAMES, "recolor": ctx.RECOLORS, "accessory": ctx.ACCESSORIES}
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(),
+    )
+
+
+class _Backbone(nn.Module):
+    """32x32 → 4x4 feature map → pooled (B, 256)."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            _block(3, width), nn.AvgPool2d(2),
+            _block(width, 2 * width), nn.AvgPool2d(2),
+            _block(2 * width, 4 * width), nn.AvgPool2d(2),
+            _block(4 * width, 8 * width),
+        )
+        self.out_dim = 8 * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, H, W) in [-1, 1]
+        if x.shape[-1] != 32:
+            x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        h = self.net(x)  # (B, C, 4, 4)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # (B, 2C)
+
+
+class IdentityEncoder(nn.Module):
+    def __init__(self, width: int = 32, dim: int = 128):
+        super().__init__()
+        self.backbone = _Backbone(width)
+        self.head = nn.Sequential(nn.Linear(2 * self.backbone.out_dim, 256), nn.SiLU(), nn.Linear(256, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(x)), dim=-1)  # (B, dim), unit norm
+
+
+class ContextClassifier(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.backbone = _Backbone(width)
+        self.heads = nn.ModuleDict({name: nn.Linear(2 * self.backbone.out_dim, len(v)) for name, v in _vocab().items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.backbone(x)
+        return {name: head(h) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predicted index per head, ``(B,)`` each."""
+        return {name: logits.argmax(dim=-1) for name, logits in self(x).items()}
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+
+
+def _to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Blur, noise and a slight brightness shift: what generated images differ from renders by."""
+    b = x.shape[0]
+    blur = torch.rand(b, generator=generator) < 0.5
+    if blur.any():
+        kernel = torch.tensor([0.25, 0.5, 0.25])
+        k2 = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3)
+        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), k2, groups=3)
+        x = torch.where(blur[:, None, None, None], blurred, x)
+    sigma = torch.rand(b, 1, 1, 1, generator=generator) * 0.15
+    x = x + sigma * torch.randn(x.shape, generator=generator)
+    x = x + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.1
+    return x.clamp(-1, 1)
+
+
+def _random_context(rng: np.random.Generator, allow_recolor: bool) -> ctx.Context:
+    background = ctx.BACKGROUND_NAMES[rng.integers(len(ctx.BACKGROUND_NAMES))]
+    recolor = ctx.RECOLORS[rng.integers(len(ctx.RECOLORS))] if allow_recolor and rng.random() < 0.3 else "none"
+    accessory = ctx.ACCESSORIES[rng.integers(len(ctx.ACCESSORIES))] if rng.random() < 0.3 else "none"
+    none = lambda v: None if v == "none" else v  # noqa: E731
+    return ctx.Context(background=none(background), recolor=none(recolor), accessory=none(accessory))
+
+
+def labels_of(class_name: str, context: ctx.Context) -> dict[str, int]:
+    v = _vocab()
+    return {
+        "class": v["class"].index(class_name),
+        "background": v["background"].index(context.background or "none"),
+        "recolor": v["recolor"].index(context.recolor or "none"),
+        "accessory": v["accessory"].index(context.accessory or "none"),
+    }
+
+
+def identity_views(seeds: list[int], views: int, rng: np.random.Generator, resolution: int = 32) -> torch.Tensor:
+    """``views`` renders of each identity in random contexts (no recolour) and poses: ``(len(seeds) · views, 3, H, W)``,
+    identity-major."""
+    images = []
+    for seed in seeds:
+        for _ in range(views):
+            images.append(render(seed, context=_random_context(rng, allow_recolor=False), pose=sample_pose(rng), resolution=resolution))
+    return _to_tensor(images)
+
+
+def context_batch(seeds: list[int], rng: np.random.Generator, resolution: int = 32) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One render per identity in a random context; images and label indices per head."""
+    from hyperbooth.world.identity import identity_class
+
+    images, labels = [], {name: [] for name in HEADS}
+    for seed in seeds:
+        context = _random_context(rng, allow_recolor=True)
+        images.append(render(seed, context=context, pose=sample_pose(rng), resolution=resolution))
+        for name, value in labels_of(identity_class(seed), context).items():
+            labels[name].append(value)
+    return _to_tensor(images), {name: torch.tensor(v) for name, v in labels.items()}
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OracleTrainConfig:
+    steps: int = 1500
+    batch_identities: int = 64  # identity encoder: identities per batch (x2 views)
+    batch_size: int = 128  # context classifier
+    lr: float = 2e-3
+    temperature: float = 0.1
+    seed: int = 0
+
+
+def _cosine_lr(optimizer, steps):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def train_identity_encoder(cfg: OracleTrainConfig, progress: bool = True) -> IdentityEncoder:
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = IdentityEncoder().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = _cosine_lr(opt, cfg.steps)
+    pool = list(identity_seeds("train", 200_000))
+    for step in tqdm(range(cfg.steps), desc="identity oracle", disable=not progress):
+        seeds = [pool[i] for i in rng.choice(len(pool), cfg.batch_identities, replace=False)]
+        x = augment(identity_views(seeds, 2, rng), gen)  # (2M, 3, H, W): views 2i, 2i+1 of identity i
+        z = model(x)
+        logits = z @ z.T / cfg.temperature
+        logits.fill_diagonal_(float("-inf"))
+        target = torch.arange(z.shape[0]) ^ 1  # the other view of the same identity
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def train_context_classifier(cfg: OracleTrainConfig, progress: bool = True) -> ContextClassifier:
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed + 1)
+    rng = np.random.default_rng(cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    model = ContextClassifier().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = _cosine_lr(opt, cfg.steps)
+    pool = list(identity_seeds("train", 200_000))
+    for step in tqdm(range(cfg.steps), desc="context oracle", disable=not progress):
+        seeds = [pool[i] for i in rng.choice(len(pool), cfg.batch_size, replace=False)]
+        x, labels = context_batch(seeds, rng)
+        logits = model(augment(x, gen))
+        loss = sum(F.cross_entropy(logits[name], labels[name]) for name in HEADS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+# -- evaluation -------------------------------------------------------------------------------------------------
+
+
+def roc_auc(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float:
+    """Area under the ROC curve = P(a positive scores above a negative), ties counting one half
+    (the Mann–Whitney U statistic, computed over all pairs)."""
+    pos, neg = scores_pos.flatten()[:, None], scores_neg.flatten()[None, :]
+    return float((pos > neg).double().mean() + 0.5 * (pos == neg).double().mean())
+
+
+@torch.no_grad()
+def evaluate_oracles(identity: IdentityEncoder, context: ContextClassifier, n: int = 500, seed: int = 123) -> dict[str, float]:
+    """Held-out (test-split) figures: identity-verification ROC-AUC and context accuracy per head."""
+    rng = np.random.default_rng(seed)
+    seeds = list(identity_seeds("test", n))
+    z = identity(identity_views(seeds, 2, rng)).view(n, 2, -1)  # (n, 2, d)
+    pos = (z[:, 0] * z[:, 1]).sum(-1)  # same identity, different context and pose
+    neg = (z[:, 0] * z[:, 1].roll(1, dims=0)).sum(-1)  # different identities
+    results = {"identity_roc_auc": roc_auc(pos, neg), "identity_cos_same": float(pos.mean()), "identity_cos_diff": float(neg.mean())}
+    x, labels = context_batch(seeds, rng)
+    pred = context.predict(x)
+    for name in HEADS:
+        results[f"{name}_accuracy"] = float((pred[name] == labels[name]).float().mean())
+    return results
+
+
+# -- files ------------------------------------------------------------------------------------------------------
+
+
+def save_oracles(folder: Path, identity: IdentityEncoder, context: ContextClassifier, cfg: OracleTrainConfig, figures: dict) -> Path:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, model in (("identity", identity), ("context", context)):
+        tmp = folder / f".{name}.safetensors.tmp"
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        os.replace(tmp, folder / f"{name}.safetensors")
+    meta = {"vocab": _vocab(), "train_config": asdict(cfg), "figures": figures}
+    (folder / "oracles.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+@dataclass
+class Oracles:
+    identity: IdentityEncoder
+    context: ContextClassifier
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike | None = None) -> Oracles:
+        from safetensors.torch import load_file
+
+        folder = Path(folder) if folder is not None else SHIPPED_ORACLES
+        meta_path = folder / "oracles.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"oracle folder {folder} lacks oracles.json; {RETRAIN_HINT}")
+        meta = json.loads(meta_path.read_text())
+        if {k: tuple(v) for k, v in meta["vocab"].items()} != _vocab():
+            raise CheckpointError(f"oracles in {folder} were trained on another world vocabulary; {RETRAIN_HINT}")
+        models = {"identity": IdentityEncoder(), "context": ContextClassifier()}
+        for name, model in models.items():
+            path = folder / f"{name}.safetensors"
+            try:
+                model.load_state_dict(load_file(str(path)))
+            except Exception as e:
+                raise CheckpointError(f"oracle weights {path} are missing or damaged ({type(e).__name__}); {RETRAIN_HINT}") from None
+            model.eval().requires_grad_(False)
+        return cls(models["identity"], models["context"])
+
+
+def train_oracles(out: Path, cfg: OracleTrainConfig) -> dict[str, float]:
+    t0 = time.perf_counter()
+    identity = train_identity_encoder(cfg)
+    context = train_context_classifier(cfg)
+    figures = evaluate_oracles(identity, context)
+    figures["train_minutes"] = round((time.perf_counter() - t0) / 60, 1)
+    save_oracles(out, identity, context, cfg, figures)
+    return figures

@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "hyperbooth.demo",
     "hyperbooth.lora.cli",
     "hyperbooth.train.cli",
-    # "hyperbooth.world.cli",
+    "hyperbooth.world.cli",
 )
 
 log = logging.getLogger("hyperbooth")

@@ -88,7 +88,7 @@ def _build(cls: type[T], data: dict, source: str, prefix: str = "") -> T:
     types_ = _field_types(cls)
     for key in data:
         if key not in types_:
-            raise ConfigError(f"{source}: unknown config key {prefix}{key!r}; {cls.__name__} has: {', '.join(types_)}")
+            raise ConfigError(f"{source}: unknown config key '{prefix}{key}'; {cls.__name__} has: {', '.join(types_)}")
     kwargs = {key: _coerce(value, types_[key], f"{prefix}{key}", source) for key, value in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)

@@ -32,6 +32,7 @@ class DataConfig:
     seed: int = 0
     cond_dropout: float = 0.1  # probability of training a sample on the empty prompt (for classifier-free guidance)
     text_max_length: int = 24
+    num_workers: int = 1  # render processes feeding the training loop
 
     def validate(self) -> None:
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -127,23 +128,34 @@ def build_scheduler(cfg: DiffusionConfig):
     )
 
 
-class BatchSource:
-    """Step → a training batch: rendered images, their prompts' token states, condition-dropout applied."""
+def _collate(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([item["image"] for item in items]), [item["prompt"] for item in items]
 
-    def __init__(self, cfg: BaseTrainConfig, text_encoder, size: int):
+
+class BatchSource:
+    """Step → a training batch: rendered images, their prompts' token states, condition dropout applied.
+
+    Images are rendered by ``num_workers`` DataLoader processes, ahead of the training step; sample ``i`` of step
+    ``s`` is dataset index ``s · B + i`` whichever step the run (re)starts from.
+    """
+
+    def __init__(self, cfg: BaseTrainConfig, text_encoder, start_step: int):
+        from torch.utils.data import DataLoader
+
         from hyperbooth.world.datasets import BaseSampleDataset
 
-        self.dataset = BaseSampleDataset(split="train", size=size, resolution=cfg.data.resolution, seed=cfg.data.seed)
+        b = cfg.optim.batch_size
+        dataset = BaseSampleDataset(split="train", size=cfg.optim.max_steps * b, resolution=cfg.data.resolution, seed=cfg.data.seed)
+        indices = range(start_step * b, len(dataset))
+        self.loader = iter(DataLoader(dataset, batch_size=b, sampler=indices, num_workers=cfg.data.num_workers, collate_fn=_collate,
+                                      persistent_workers=False, prefetch_factor=4 if cfg.data.num_workers else None))
         self.text = text_encoder
-        self.batch_size = cfg.optim.batch_size
         self.cond_dropout = cfg.data.cond_dropout
 
-    def __call__(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        start = step * self.batch_size
-        items = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.batch_size)]
-        images = torch.stack([item["image"] for item in items])  # (B, 3, H, W) in [-1, 1]
-        drop = torch.rand(self.batch_size, generator=generator) < self.cond_dropout
-        prompts = ["" if d else item["prompt"] for item, d in zip(items, drop.tolist())]
+    def next(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, prompts = next(self.loader)  # (B, 3, H, W) in [-1, 1], B prompts
+        drop = torch.rand(len(prompts), generator=generator) < self.cond_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         states, mask = self.text(prompts)  # (B, L, d), (B, L)
         return images, states, mask
 
@@ -165,7 +177,6 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
     scheduler = build_scheduler(cfg.diffusion)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     text = TextEncoder.minilm(max_length=cfg.data.text_max_length)
-    batches = BatchSource(cfg, text, size=cfg.optim.max_steps * cfg.optim.batch_size)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio)
@@ -181,6 +192,7 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
         step = _load_checkpoint(checkpoint, unet, optimizer, lr_schedule, ema, generator)
         log.info("resumed from %s at step %d", checkpoint, step)
     save_config(cfg, out / "config.yaml")
+    batches = BatchSource(cfg, text, start_step=step)
 
     csv_path = out / "log.csv"
     new_log = not csv_path.exists() or step == 0
@@ -194,11 +206,11 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
     window_loss, window_images, t_window = 0.0, 0, time.perf_counter()
     try:
         while step < cfg.optim.max_steps:
-            images, states, mask = batches(step, generator)
+            images, states, mask = batches.next(generator)
             images, states, mask = images.to(device), states.to(device), mask.to(device)
             noise = torch.randn(images.shape, generator=generator).to(device)
             t = torch.randint(0, cfg.diffusion.num_train_timesteps, (images.shape[0],), generator=generator).to(device)
-            x_t = scheduler.add_noise(images, noise, t.cpu()).to(device)
+            x_t = scheduler.add_noise(images, noise, t)
             target = training_target(cfg.diffusion.prediction_type, images, noise, alphas_cumprod, t)
             weights = loss_weights(cfg.diffusion.prediction_type, alphas_cumprod, t, cfg.diffusion.min_snr_gamma)
             with autocast:

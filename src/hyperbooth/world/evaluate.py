@@ -14,7 +14,8 @@ import torch
 
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world.base_model import WorldBaseModel
-from hyperbooth.world.oracles import HEADS, Oracles, identity_views, labels_of
+from hyperbooth.world.datasets import labels_of
+from hyperbooth.world.oracles import HEADS, Oracles, identity_views
 
 log = logging.getLogger(__name__)
 

@@ -30,6 +30,8 @@ from torch import nn
 
 from hyperbooth.errors import CheckpointError
 from hyperbooth.world import contexts as ctx
+from hyperbooth.world.datasets import labels_of, sample_context
+from hyperbooth.world.identity import identity_class
 from hyperbooth.world.render import render, sample_pose
 from hyperbooth.world.splits import identity_seeds
 
@@ -119,42 +121,23 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def _random_context(rng: np.random.Generator, allow_recolor: bool) -> ctx.Context:
-    background = ctx.BACKGROUND_NAMES[rng.integers(len(ctx.BACKGROUND_NAMES))]
-    recolor = ctx.RECOLORS[rng.integers(len(ctx.RECOLORS))] if allow_recolor and rng.random() < 0.3 else "none"
-    accessory = ctx.ACCESSORIES[rng.integers(len(ctx.ACCESSORIES))] if rng.random() < 0.3 else "none"
-    none = lambda v: None if v == "none" else v  # noqa: E731
-    return ctx.Context(background=none(background), recolor=none(recolor), accessory=none(accessory))
-
-
-def labels_of(class_name: str, context: ctx.Context) -> dict[str, int]:
-    v = _vocab()
-    return {
-        "class": v["class"].index(class_name),
-        "background": v["background"].index(context.background or "none"),
-        "recolor": v["recolor"].index(context.recolor or "none"),
-        "accessory": v["accessory"].index(context.accessory or "none"),
-    }
-
-
 def identity_views(seeds: list[int], views: int, rng: np.random.Generator, resolution: int = 32) -> torch.Tensor:
     """``views`` renders of each identity in random contexts (no recolour) and poses: ``(len(seeds) · views, 3, H, W)``,
     identity-major."""
     images = []
     for seed in seeds:
         for _ in range(views):
-            images.append(render(seed, context=_random_context(rng, allow_recolor=False), pose=sample_pose(rng), resolution=resolution))
+            context = sample_context(rng, identity_class(seed), "test", recolor=False)
+            images.append(render(seed, context=context, pose=sample_pose(rng), resolution=resolution, scene_seed=int(rng.integers(2**31))))
     return _to_tensor(images)
 
 
 def context_batch(seeds: list[int], rng: np.random.Generator, resolution: int = 32) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One render per identity in a random context; images and label indices per head."""
-    from hyperbooth.world.identity import identity_class
-
     images, labels = [], {name: [] for name in HEADS}
     for seed in seeds:
-        context = _random_context(rng, allow_recolor=True)
-        images.append(render(seed, context=context, pose=sample_pose(rng), resolution=resolution))
+        context = sample_context(rng, identity_class(seed), "test")
+        images.append(render(seed, context=context, pose=sample_pose(rng), resolution=resolution, scene_seed=int(rng.integers(2**31))))
         for name, value in labels_of(identity_class(seed), context).items():
             labels[name].append(value)
     return _to_tensor(images), {name: torch.tensor(v) for name, v in labels.items()}
@@ -165,9 +148,12 @@ def context_batch(seeds: list[int], rng: np.random.Generator, resolution: int = 
 
 @dataclass
 class OracleTrainConfig:
-    steps: int = 1500
+    steps: int = 800
     batch_identities: int = 64  # identity encoder: identities per batch (x2 views)
     batch_size: int = 128  # context classifier
+    pool_identities: int = 5000  # renders made once, then sampled with augmentation
+    pool_views: int = 4
+    pool_contexts: int = 20000
     lr: float = 2e-3
     temperature: float = 0.1
     seed: int = 0
@@ -178,23 +164,25 @@ def _cosine_lr(optimizer, steps):
 
 
 def train_identity_encoder(cfg: OracleTrainConfig, progress: bool = True) -> IdentityEncoder:
+    """InfoNCE over a pre-rendered pool: ``pool_identities`` train identities x ``pool_views`` views each."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    seeds = list(identity_seeds("train", cfg.pool_identities))
+    pool = identity_views(seeds, cfg.pool_views, rng).view(len(seeds), cfg.pool_views, 3, 32, 32)  # (M, V, 3, H, W)
     model = IdentityEncoder().train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = _cosine_lr(opt, cfg.steps)
-    pool = list(identity_seeds("train", 200_000))
-    for step in tqdm(range(cfg.steps), desc="identity oracle", disable=not progress):
-        seeds = [pool[i] for i in rng.choice(len(pool), cfg.batch_identities, replace=False)]
-        x = augment(identity_views(seeds, 2, rng), gen)  # (2M, 3, H, W): views 2i, 2i+1 of identity i
+    for _ in tqdm(range(cfg.steps), desc="identity oracle", disable=not progress):
+        ids = torch.randperm(len(seeds), generator=gen)[: cfg.batch_identities]
+        views = torch.stack([torch.randperm(cfg.pool_views, generator=gen)[:2] for _ in ids])  # (M, 2)
+        x = augment(pool[ids[:, None], views].flatten(0, 1), gen)  # (2M, 3, H, W): views 2i, 2i+1 of identity i
         z = model(x)
         logits = z @ z.T / cfg.temperature
         logits.fill_diagonal_(float("-inf"))
-        target = torch.arange(z.shape[0]) ^ 1  # the other view of the same identity
-        loss = F.cross_entropy(logits, target)
+        loss = F.cross_entropy(logits, torch.arange(z.shape[0]) ^ 1)  # the positive is the other view
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -203,20 +191,20 @@ def train_identity_encoder(cfg: OracleTrainConfig, progress: bool = True) -> Ide
 
 
 def train_context_classifier(cfg: OracleTrainConfig, progress: bool = True) -> ContextClassifier:
+    """Cross-entropy on every head over a pre-rendered pool of ``pool_contexts`` labelled renders."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    images, labels = context_batch(list(identity_seeds("train", cfg.pool_contexts, start=10**6)), rng)
     model = ContextClassifier().train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = _cosine_lr(opt, cfg.steps)
-    pool = list(identity_seeds("train", 200_000))
-    for step in tqdm(range(cfg.steps), desc="context oracle", disable=not progress):
-        seeds = [pool[i] for i in rng.choice(len(pool), cfg.batch_size, replace=False)]
-        x, labels = context_batch(seeds, rng)
-        logits = model(augment(x, gen))
-        loss = sum(F.cross_entropy(logits[name], labels[name]) for name in HEADS)
+    for _ in tqdm(range(cfg.steps), desc="context oracle", disable=not progress):
+        idx = torch.randperm(len(images), generator=gen)[: cfg.batch_size]
+        logits = model(augment(images[idx], gen))
+        loss = sum(F.cross_entropy(logits[name], labels[name][idx]) for name in HEADS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -235,10 +223,11 @@ def roc_auc(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_oracles(identity: IdentityEncoder, context: ContextClassifier, n: int = 500, seed: int = 123) -> dict[str, float]:
-    """Held-out (test-split) figures: identity-verification ROC-AUC and context accuracy per head."""
+def evaluate_oracles(identity: IdentityEncoder, context: ContextClassifier, n: int = 500, seed: int = 123, split: str = "test") -> dict[str, float]:
+    """Figures on ``n`` identities of ``split`` (held-out by default): identity-verification ROC-AUC (same identity in
+    two contexts and poses vs two identities) and context accuracy per head."""
     rng = np.random.default_rng(seed)
-    seeds = list(identity_seeds("test", n))
+    seeds = list(identity_seeds(split, n))
     z = identity(identity_views(seeds, 2, rng)).view(n, 2, -1)  # (n, 2, d)
     pos = (z[:, 0] * z[:, 1]).sum(-1)  # same identity, different context and pose
     neg = (z[:, 0] * z[:, 1].roll(1, dims=0)).sum(-1)  # different identities

@@ -1,0 +1,117 @@
+"""Training data from the world, deterministic by index: sample ``i`` of a dataset is fully defined by
+``(seed, i)``, so any worker, any machine and any resumed run sees the same sample for the same index."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hyperbooth.errors import ConfigError
+from hyperbooth.world import contexts as ctx
+from hyperbooth.world.identity import identity_class, make_identity
+from hyperbooth.world.render import check_resolution, render_identity, sample_pose
+from hyperbooth.world.splits import check_split, split_of
+
+BACKGROUND_PROB = 0.85
+RECOLOR_PROB = 0.25
+ACCESSORY_PROB = 0.15
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 → ``(3, H, W)`` float in [-1, 1]."""
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def labels_of(class_name: str, context: ctx.Context) -> dict[str, int]:
+    """Label indices of an image, in the vocabularies of :mod:`contexts` (what the oracles predict)."""
+    return {
+        "class": ctx.CLASSES.index(class_name),
+        "background": ctx.BACKGROUND_NAMES.index(context.background or "none"),
+        "recolor": ctx.RECOLORS.index(context.recolor or "none"),
+        "accessory": ctx.ACCESSORIES.index(context.accessory or "none"),
+    }
+
+
+def sample_identity(rng: np.random.Generator, split: str) -> int:
+    while True:
+        seed = int(rng.integers(0, 2**31 - 1))
+        if split_of(seed) == split:
+            return seed
+
+
+def sample_context(rng: np.random.Generator, class_name: str, split: str, recolor: bool = True, accessory: bool = True) -> ctx.Context:
+    """A random context; in the train split the held-out (class, background) combinations are never drawn."""
+    names = list(ctx.BACKGROUNDS)
+    while True:
+        background = names[rng.integers(len(names))] if rng.random() < BACKGROUND_PROB else None
+        color = list(ctx.RECOLOR_WORDS)[rng.integers(len(ctx.RECOLOR_WORDS))] if recolor and rng.random() < RECOLOR_PROB else None
+        acc = "red_hat" if accessory and rng.random() < ACCESSORY_PROB else None
+        context = ctx.Context(background=background, recolor=color, accessory=acc)
+        if split != "train" or not ctx.is_heldout_context(class_name, context):
+            return context
+
+
+class BaseSampleDataset(Dataset):
+    """(image, class prompt) samples for the base model: random identities of a split in random contexts."""
+
+    def __init__(self, split: str = "train", size: int = 100_000, resolution: int = 32, seed: int = 0):
+        self.split, self.size, self.resolution, self.seed = check_split(split), size, check_resolution(resolution), seed
+        if size < 1:
+            raise ConfigError(f"dataset size must be positive, got {size}")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index, 11])
+        identity = make_identity(sample_identity(rng, self.split))
+        context = sample_context(rng, identity.class_name, self.split)
+        image = render_identity(identity, context, sample_pose(rng), self.resolution, scene_seed=int(rng.integers(2**31)))
+        return {
+            "image": to_tensor(image),
+            "prompt": ctx.prompt_for(identity.class_name, context, paraphrase=int(rng.integers(len(ctx.TEMPLATES)))),
+            "identity": identity.seed,
+            "labels": labels_of(identity.class_name, context),
+        }
+
+
+class PersonalizationPairDataset(Dataset):
+    """(k reference images of an identity, a target image of it, the rare-token prompt of the target).
+
+    - ``mode="cross"``: references in random backgrounds (own colours, no hat) and poses; the target in a new
+      random context and pose.
+    - ``mode="same"``: the target is reference 0 itself, with the prompt of its context (the papers' single-image
+      training sets).
+    """
+
+    MODES = ("cross", "same")
+
+    def __init__(self, split: str = "train", size: int = 100_000, k: int = 1, mode: str = "cross", resolution: int = 32, seed: int = 0, token: str = ctx.RARE_TOKEN):
+        if mode not in self.MODES:
+            raise ConfigError(f"unknown pair mode {mode!r}; choose one of {', '.join(self.MODES)}")
+        if k < 1:
+            raise ConfigError(f"k (reference images) must be at least 1, got {k}")
+        self.split, self.size, self.k, self.mode = check_split(split), size, k, mode
+        self.resolution, self.seed, self.token = check_resolution(resolution), seed, token
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index, 13])
+        identity = make_identity(sample_identity(rng, self.split))
+        ref_contexts = [sample_context(rng, identity.class_name, self.split, recolor=False, accessory=False) for _ in range(self.k)]
+        refs = [render_identity(identity, c, sample_pose(rng), self.resolution, scene_seed=int(rng.integers(2**31))) for c in ref_contexts]
+        if self.mode == "same":
+            target, context = refs[0], ref_contexts[0]
+        else:
+            context = sample_context(rng, identity.class_name, self.split)
+            target = render_identity(identity, context, sample_pose(rng), self.resolution, scene_seed=int(rng.integers(2**31)))
+        return {
+            "references": torch.stack([to_tensor(r) for r in refs]),  # (k, 3, H, W)
+            "target": to_tensor(target),  # (3, H, W)
+            "prompt": ctx.prompt_for(identity.class_name, context, token=self.token, paraphrase=int(rng.integers(len(ctx.TEMPLATES)))),
+            "identity": identity.seed,
+            "labels": labels_of(identity.class_name, context),
+        }

@@ -1,0 +1,61 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from hyperbooth.config import config_from_dict, load_config, save_config, to_dict
+from hyperbooth.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+    name: str | None = None
+
+    def validate(self):
+        if self.steps < 1:
+            raise ConfigError(f"inner.steps={self.steps} must be at least 1")
+
+
+@dataclass
+class Outer:
+    out_dir: str = "runs/x"
+    flag: bool = False
+    sizes: tuple[int, ...] = (1, 2)
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_defaults_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  lr: 0.5\nsizes: [3, 4]\n")
+    cfg = load_config(Outer, path, ["inner.steps=7", "flag=true", "inner.name=abc"])
+    assert cfg.inner.lr == 0.5 and cfg.inner.steps == 7 and cfg.flag is True and cfg.sizes == (3, 4)
+    assert cfg.inner.name == "abc" and cfg.out_dir == "runs/x"
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(Outer, tmp_path / "resolved.yaml") == cfg
+    assert config_from_dict(Outer, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "content,overrides,match",
+    [
+        ("inner:\n  lrr: 1\n", [], "unknown config key 'inner.lrr'"),
+        ("", ["inner.bogus=1"], "unknown config key 'inner.bogus'"),
+        ("", ["inner.steps=abc"], "inner.steps='abc' must be an integer"),
+        ("", ["inner.steps=0"], "inner.steps=0 must be at least 1"),
+        ("", ["flag=maybe"], "flag='maybe' must be true or false"),
+        ("", ["noequals"], "key=value"),
+        ("- a\n- b\n", [], "mapping at the top level"),
+        ("a: [\n", [], "not valid YAML"),
+    ],
+)
+def test_bad_values_are_named(tmp_path, content, overrides, match):
+    path = tmp_path / "c.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        load_config(Outer, path, overrides)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, "no/such/file.yaml")

@@ -1,0 +1,63 @@
+import csv
+
+import pytest
+import torch
+
+from hyperbooth.config import load_config
+from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.train.base import BaseTrainConfig, train_base
+from hyperbooth.world.base_model import WorldBaseModel
+
+TINY = [
+    "unet={block_out_channels: [16, 32, 32], layers_per_block: 1, norm_num_groups: 8, attention_head_dim: 2, addition_embed_type_num_heads: 2}",
+    "optim.batch_size=4",
+    "optim.warmup_steps=1",
+    "data.num_workers=0",
+    "log_every=1",
+    "checkpoint_every=2",
+]
+
+
+def _cfg(out, *extra):
+    return load_config(BaseTrainConfig, None, [*TINY, f"out_dir={out}", *extra])
+
+
+def _losses(out):
+    with open(out / "log.csv") as f:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
+
+
+def test_tiny_run_exports_a_loadable_model_and_resumes_exactly(tmp_path):
+    full = tmp_path / "full"
+    folder = train_base(_cfg(full, "optim.max_steps=3"))
+    assert (full / "config.yaml").is_file() and (full / "checkpoints" / "latest").is_file()
+    model = WorldBaseModel.from_pretrained(folder)
+    images = model.generate(["a toy in the snow", "a red ball"], steps=2, guidance_scale=2.0)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+    part = tmp_path / "part"
+    train_base(_cfg(part, "optim.max_steps=3", "checkpoint_every=2"))  # same run, to have the step-2 checkpoint
+    # interrupt after step 2: drop the step-3 checkpoint and point "latest" at step 2, then resume
+    import shutil
+
+    shutil.rmtree(part / "checkpoints" / "step-0000003")
+    (part / "checkpoints" / "latest").write_text("step-0000002")
+    train_base(_cfg(part, "optim.max_steps=3"), resume=True)
+    assert _losses(part)[3] == pytest.approx(_losses(full)[3], rel=0, abs=0)
+    uninterrupted = WorldBaseModel.from_pretrained(folder).unet.state_dict()
+    resumed = WorldBaseModel.from_pretrained(part / "model").unet.state_dict()
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_bad_config_values_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="diffusion.prediction_type='flow'"):
+        _cfg(tmp_path, "diffusion.prediction_type=flow")
+    with pytest.raises(ConfigError, match="optim.bogus"):
+        _cfg(tmp_path, "optim.bogus=1")
+    with pytest.raises(ConfigError, match="data.resolution"):
+        _cfg(tmp_path, "data.resolution=x")
+
+
+def test_missing_or_damaged_model_names_file_and_fix(tmp_path):
+    with pytest.raises(CheckpointError, match="model_index.json.*train-base"):
+        WorldBaseModel.from_pretrained(tmp_path)

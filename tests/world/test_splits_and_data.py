@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+
+from hyperbooth.errors import ConfigError
+from hyperbooth.world import CLASSES, Context, identity_seeds, is_heldout_context, prompt_for, split_of
+from hyperbooth.world.contexts import BACKGROUND_NAMES
+from hyperbooth.world.datasets import BaseSampleDataset, PersonalizationPairDataset
+
+
+def test_splits_are_disjoint_and_proportioned():
+    splits = [split_of(s) for s in range(10_000)]
+    share = {name: splits.count(name) / len(splits) for name in ("train", "val", "test")}
+    assert 0.87 < share["train"] < 0.93 and 0.035 < share["val"] < 0.065 and 0.035 < share["test"] < 0.065
+    train, test = set(identity_seeds("train", 300)), set(identity_seeds("test", 300))
+    assert not train & test and all(split_of(s) == "test" for s in test)
+    with pytest.raises(ConfigError, match="'dev'"):
+        list(identity_seeds("dev", 1))
+
+
+def test_prompts():
+    c = Context(background="snow", recolor="red", accessory="red_hat")
+    assert prompt_for("toy", c) == "a red toy wearing a red hat in the snow"
+    assert prompt_for("toy", c, token="sks", paraphrase=1) == "a photo of a red sks toy wearing a red hat in the snow"
+    assert prompt_for("vase", Context(background="water")) == "a vase floating on top of water"
+    with pytest.raises(ConfigError, match="giraffe"):
+        prompt_for("giraffe")
+
+
+def test_heldout_combinations_never_in_train_data():
+    heldout = [(c, b) for c in CLASSES for b in BACKGROUND_NAMES[1:] if is_heldout_context(c, Context(background=b))]
+    assert len(heldout) == len(CLASSES)
+    ds = BaseSampleDataset("train", size=400)
+    seen = set()
+    for i in range(400):
+        labels = ds[i]["labels"]
+        seen.add((CLASSES[labels["class"]], BACKGROUND_NAMES[labels["background"]]))
+    assert not seen & set(heldout)
+    assert len(seen) > 30  # the other combinations do occur
+
+
+def test_base_dataset_items():
+    ds = BaseSampleDataset("val", size=10, resolution=32, seed=3)
+    a, b = ds[4], ds[4]
+    assert a["image"].shape == (3, 32, 32) and a["image"].dtype == torch.float32
+    assert -1.0 <= a["image"].min() and a["image"].max() <= 1.0
+    assert torch.equal(a["image"], b["image"]) and a["prompt"] == b["prompt"]
+    assert split_of(a["identity"]) == "val"
+    assert set(a["labels"]) == {"class", "background", "recolor", "accessory"}
+    assert not torch.equal(ds[5]["image"], a["image"])
+
+
+def test_pair_dataset_modes():
+    cross = PersonalizationPairDataset("train", size=5, k=3, mode="cross")
+    item = cross[0]
+    assert item["references"].shape == (3, 3, 32, 32) and item["target"].shape == (3, 32, 32)
+    assert " sks " in item["prompt"]
+    assert not torch.equal(item["references"][0], item["target"])
+    same = PersonalizationPairDataset("train", size=5, k=2, mode="same")
+    item = same[1]
+    assert torch.equal(item["references"][0], item["target"])
+    with pytest.raises(ConfigError, match="'mixed'"):
+        PersonalizationPairDataset(mode="mixed")
+    with pytest.raises(ConfigError, match="k"):
+        PersonalizationPairDataset(k=0)

@@ -18,6 +18,7 @@ from hyperbooth.errors import HyperboothError
 #: Modules that register sub-commands, in the order `--help` lists them.
 COMMAND_MODULES = (
     "hyperbooth.demo",
+    "hyperbooth.personalize",
     "hyperbooth.lora.cli",
     "hyperbooth.train.cli",
     "hyperbooth.world.cli",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from hyperbooth.world import contexts as ctx
-from hyperbooth.world.base_model import WorldBaseModel
+from hyperbooth.world.base_model import WorldBaseModel, to_uint8
 from hyperbooth.world.datasets import labels_of
 from hyperbooth.world.oracles import HEADS, Oracles, identity_views
 
@@ -55,16 +55,22 @@ def evaluate_base_model(
     batch_size: int = 32,
     diversity_prompts: int = 8,
     diversity_seeds: int = 6,
+    grid_path=None,
 ) -> dict[str, float]:
-    """Generate ``num`` images from evaluation prompts; oracle accuracy per attribute; diversity against renders."""
+    """Generate ``num`` images from evaluation prompts; oracle accuracy per attribute; diversity against renders.
+
+    ``grid_path``: also write the first generations as a PNG grid, one row per background (plain first).
+    """
     t0 = time.perf_counter()
     pairs = eval_prompts(num, seed)
     correct = {name: [] for name in HEADS}
     heldout = []
+    kept = []
     for b, chunk in enumerate(_batched(pairs, batch_size)):
         prompts = [ctx.prompt_for(c, context) for c, context in chunk]
         images = model.generate(prompts, guidance_scale=guidance_scale, steps=steps, seed=seed + b, scheduler=scheduler)
         pred = oracles.context.predict(images)
+        kept.extend(zip(chunk, to_uint8(images)))
         for i, (class_name, context) in enumerate(chunk):
             labels = labels_of(class_name, context)
             correct["class"].append(int(pred["class"][i] == labels["class"]))
@@ -76,6 +82,8 @@ def evaluate_base_model(
                 correct["accessory"].append(int(pred["accessory"][i] == labels["accessory"]))
             if ctx.is_heldout_context(class_name, context) and context.background is not None:
                 heldout.append(int(pred["background"][i] == labels["background"]))
+    if grid_path is not None:
+        _write_grid(kept, grid_path)
     results: dict[str, float] = {"generations": float(num)}
     for name, values in correct.items():
         results[f"{name}_accuracy"] = float(np.mean(values)) if values else float("nan")
@@ -108,3 +116,16 @@ def _mean_pairwise_cos(z: torch.Tensor) -> float:
     n = z.shape[0]
     sim = z @ z.T
     return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def _write_grid(generations, path, per_row: int = 8) -> None:
+    """One row per background (plain first), up to ``per_row`` generations each."""
+    from hyperbooth.world.cli import grid, write_png
+
+    rows: dict = {}
+    for (class_name, context), image in generations:
+        rows.setdefault(context.background, [])
+        if len(rows[context.background]) < per_row:
+            rows[context.background].append(image)
+    order = [None] + [b for b in ctx.BACKGROUNDS if b in rows]
+    write_png(grid([rows[b] for b in order if b in rows], upscale=3), path)

@@ -1,0 +1,1 @@
+"""The personalization methods: hypernetworks that turn reference images into LoRAWeights."""

@@ -1,0 +1,171 @@
+"""The end-to-end hypernetwork (Shrestha et al., "Finetuning-Free Personalization of Text to Image Generation via
+Hypernetworks", arXiv 2511.03156): image encoder → transformer weight decoder → a rank-r LoRA per target layer.
+
+The decoder holds one learned query per target layer. The queries attend to each other and to the image tokens
+(cross-attention) through ``layers`` pre-norm transformer decoder layers; each query's output is mapped to its
+layer's factors by a linear head shared by all layers of the same shape ``(d_in, d_out)``:
+
+    A_l = head_A(h_l) / sqrt(d_in)    (r, d_in)       B_l = head_B(h_l)    (d_out, r)
+
+``head_B`` starts at zero, so ΔW = 0 and training starts from the base model, while gradients still reach both
+heads. Several reference images per subject are combined by averaging their tokens before the decoder
+(``multi_reference="tokens"``) or by averaging the predicted ΔW (``"mean_delta"``, exact, rank k·r).
+
+Trained end to end through the frozen UNet with ``‖ε − ε̂‖² + λ · Σ_l ‖ΔW_l‖²_F`` (see ``train/hyper.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hyperbooth.encoders import build_encoder
+from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.lora.inject import DEFAULT_UNET_TARGETS
+from hyperbooth.lora.weights import LoRALayer, LoRAWeights
+
+METHOD = "e2e"
+WEIGHTS_NAME = "hypernet.safetensors"
+CONFIG_NAME = "hypernet_config.json"
+
+
+@dataclass
+class E2EConfig:
+    rank: int = 2
+    d_model: int = 256
+    layers: int = 3
+    heads: int = 4
+    encoder: str = "world"  # "world" or a transformers vision model folder / hub id
+    encoder_dim: int = 128  # token size of the world encoder
+    targets: tuple[str, ...] = DEFAULT_UNET_TARGETS
+    multi_reference: str = "tokens"  # "tokens" or "mean_delta"
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"hypernet.rank={self.rank} must be at least 1")
+        if self.d_model % self.heads:
+            raise ConfigError(f"hypernet.d_model={self.d_model} must be divisible by hypernet.heads={self.heads}")
+        if self.multi_reference not in ("tokens", "mean_delta"):
+            raise ConfigError(f"hypernet.multi_reference={self.multi_reference!r} must be 'tokens' or 'mean_delta'")
+
+
+def _group(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+class E2EHyperNetwork(nn.Module):
+    """references ``(N, k, 3, H, W)`` → :class:`LoRAWeights` with N subjects, for the given target shapes."""
+
+    def __init__(self, config: E2EConfig, target_shapes: dict[str, tuple[int, int]]):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.target_shapes = {name: (int(a), int(b)) for name, (a, b) in target_shapes.items()}
+        self.names = list(self.target_shapes)
+        d = config.d_model
+        self.encoder = build_encoder(config.encoder, config.encoder_dim)
+        self.token_proj = nn.Linear(self.encoder.out_dim, d)
+        self.queries = nn.Parameter(torch.randn(len(self.names), d) * 0.02)  # one per target layer
+        layer = nn.TransformerDecoderLayer(d, config.heads, 4 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, config.layers)
+        self.norm = nn.LayerNorm(d)
+        groups = sorted({_group(s) for s in self.target_shapes.values()})
+        self.group_index = {g: [i for i, n in enumerate(self.names) if _group(self.target_shapes[n]) == g] for g in groups}
+        r = config.rank
+        self.head_A = nn.ModuleDict({g: nn.Linear(d, r * int(g.split("x")[0])) for g in groups})
+        self.head_B = nn.ModuleDict({g: nn.Linear(d, int(g.split("x")[1]) * r) for g in groups})
+        for head in self.head_B.values():  # ΔW = 0 at init: training starts from the base model
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    # -- forward ----------------------------------------------------------------------------------------------
+
+    def encode(self, references: torch.Tensor) -> torch.Tensor:
+        """``(N, k, 3, H, W)`` → memory tokens ``(N, k, T, d_model)``."""
+        n, k = references.shape[:2]
+        if self.encoder.trainable:
+            tokens = self.encoder(references.flatten(0, 1))
+        else:
+            with torch.no_grad():
+                tokens = self.encoder(references.flatten(0, 1))
+        return self.token_proj(tokens).unflatten(0, (n, k))
+
+    def decode(self, memory: torch.Tensor) -> LoRAWeights:
+        """memory ``(N, T, d_model)`` → LoRAWeights for N subjects."""
+        n = memory.shape[0]
+        h = self.decoder(self.queries.expand(n, -1, -1), memory)  # (N, L, d_model)
+        h = self.norm(h)
+        r = self.config.rank
+        layers = {}
+        for g, idx in self.group_index.items():
+            d_in, d_out = map(int, g.split("x"))
+            hg = h[:, idx]  # (N, L_g, d_model)
+            A = self.head_A[g](hg).view(n, len(idx), r, d_in) / math.sqrt(d_in)
+            B = self.head_B[g](hg).view(n, len(idx), d_out, r)
+            for j, i in enumerate(idx):
+                layers[self.names[i]] = LoRALayer(A[:, j], B[:, j], float(r))
+        return LoRAWeights({name: layers[name] for name in self.names})
+
+    def forward(self, references: torch.Tensor) -> LoRAWeights:
+        if references.ndim == 4:  # (N, 3, H, W): one reference each
+            references = references[:, None]
+        if references.ndim != 5 or references.shape[2] != 3:
+            raise ConfigError(f"references must be (N, k, 3, H, W) images, got shape {tuple(references.shape)}")
+        memory = self.encode(references)  # (N, k, T, d)
+        k = memory.shape[1]
+        if k == 1 or self.config.multi_reference == "tokens":
+            return self.decode(memory.mean(dim=1))
+        per_image = self.decode(memory.flatten(0, 1))  # N·k subjects
+        n = memory.shape[0]
+        from hyperbooth.lora.weights import combine
+
+        views = [per_image.select(list(range(j, n * k, k))) for j in range(k)]  # view j of every subject
+        return combine(views, [1.0 / k] * k)
+
+    # -- files ------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+        """A folder: ``hypernet_config.json`` (method, config, target shapes) + ``hypernet.safetensors``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}
+        tmp = folder / f".{WEIGHTS_NAME}.tmp"
+        save_file(state, str(tmp), metadata={"hyperbooth.method": METHOD})
+        os.replace(tmp, folder / WEIGHTS_NAME)
+        meta = {"method": METHOD, "config": asdict(self.config), "target_shapes": self.target_shapes, **(extra or {})}
+        tmp = folder / f".{CONFIG_NAME}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, folder / CONFIG_NAME)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> E2EHyperNetwork:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise CheckpointError(f"{folder} is not a hypernetwork folder ({CONFIG_NAME} is missing)")
+        meta = json.loads(config_path.read_text())
+        if meta.get("method") != METHOD:
+            raise CheckpointError(f"{config_path} holds a {meta.get('method')!r} hypernetwork, not {METHOD!r}")
+        raw = meta["config"]
+        config = E2EConfig(**{**raw, "targets": tuple(raw["targets"])})
+        model = cls(config, {k: tuple(v) for k, v in meta["target_shapes"].items()})
+        try:
+            state = load_file(str(folder / WEIGHTS_NAME))
+        except Exception as e:
+            raise CheckpointError(f"{folder / WEIGHTS_NAME} is missing or damaged ({type(e).__name__})") from None
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if model.encoder.trainable or not k.startswith("encoder.")]
+        if missing or unexpected:
+            raise CheckpointError(f"{folder / WEIGHTS_NAME} does not match its config (first mismatch: {(missing or unexpected)[0]!r})")
+        return model.eval()

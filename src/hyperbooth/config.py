@@ -166,10 +166,10 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    from hyperbooth.files import atomic_write
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def config_from_dict(cls: type[T], data: dict, source: str = "config") -> T:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch import nn
 
 import hyperbooth
 from hyperbooth.errors import ConfigError, LoRAFileError
+from hyperbooth.files import atomic_write
 from hyperbooth.lora.inject import base_module, check_compatible
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights
 
@@ -84,16 +84,7 @@ def _conv_names(model: nn.Module | None) -> set[str]:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    if not path.parent.is_dir():
-        raise ConfigError(f"output folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_lora(

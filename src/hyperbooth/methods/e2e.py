@@ -27,6 +27,7 @@ from torch import nn
 
 from hyperbooth.encoders import build_encoder
 from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.files import atomic_write
 from hyperbooth.lora.inject import DEFAULT_UNET_TARGETS
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights
 
@@ -137,13 +138,9 @@ class E2EHyperNetwork(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}
-        tmp = folder / f".{WEIGHTS_NAME}.tmp"
-        save_file(state, str(tmp), metadata={"hyperbooth.method": METHOD})
-        os.replace(tmp, folder / WEIGHTS_NAME)
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"hyperbooth.method": METHOD}))
         meta = {"method": METHOD, "config": asdict(self.config), "target_shapes": self.target_shapes, **(extra or {})}
-        tmp = folder / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, folder / CONFIG_NAME)
+        atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
         return folder
 
     @classmethod

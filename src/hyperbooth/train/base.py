@@ -71,7 +71,7 @@ class OptimConfig:
         if not self.lr > 0:
             raise ConfigError(f"optim.lr={self.lr} must be positive")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1)")
+            raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1) (0 turns EMA off)")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from hyperbooth.diffusion import diffusion_loss, loss_weights, training_target
 from hyperbooth.errors import ConfigError
 from hyperbooth.lora.inject import LoRAInjector, target_shapes
 from hyperbooth.methods.e2e import E2EConfig, E2EHyperNetwork
+from hyperbooth.train.base import OptimConfig
 from hyperbooth.train.ema import EMA
 from hyperbooth.train.state import latest_checkpoint, load_state, save_state, warmup_cosine, write_checkpoint
 
@@ -48,21 +49,12 @@ class PairDataConfig:
 
 
 @dataclass
-class HyperOptimConfig:
-    batch_size: int = 32  # global batch (split over processes)
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    max_steps: int = 4000
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0  # 0 turns EMA off
+class HyperOptimConfig(OptimConfig):
+    """The base trainer's optimizer settings with the hypernetwork's defaults (batch_size is the global batch)."""
 
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.max_steps < 1:
-            raise ConfigError("optim.batch_size and optim.max_steps must be at least 1")
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr={self.lr} must be positive")
+    lr: float = 3e-4
+    max_steps: int = 4000
+    ema_decay: float = 0.0  # 0 turns EMA off
 
 
 @dataclass

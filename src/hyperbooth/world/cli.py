@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from hyperbooth.errors import ConfigError
+from hyperbooth.files import atomic_write
 
 
 def _int(value: str) -> int:
@@ -57,21 +56,10 @@ def register(subparsers) -> None:
 
 
 def write_png(image: np.ndarray, out: Path) -> Path:
-    """Write ``(H, W, 3)`` uint8 as PNG atomically (temp file in the same folder, then rename)."""
+    """Write ``(H, W, 3)`` uint8 as PNG atomically."""
     from PIL import Image
 
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise ConfigError(f"output folder {str(out.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return atomic_write(out, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
 def grid(images: list[list[np.ndarray]], upscale: int = 1, pad: int = 1) -> np.ndarray:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperbooth.errors import CheckpointError
+from hyperbooth.files import atomic_write
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world.datasets import labels_of, sample_context
 from hyperbooth.world.identity import identity_class
@@ -248,11 +249,10 @@ def save_oracles(folder: Path, identity: IdentityEncoder, context: ContextClassi
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, model in (("identity", identity), ("context", context)):
-        tmp = folder / f".{name}.safetensors.tmp"
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        os.replace(tmp, folder / f"{name}.safetensors")
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(folder / f"{name}.safetensors", lambda tmp, state=state: save_file(state, tmp))
     meta = {"vocab": _vocab(), "train_config": asdict(cfg), "figures": figures}
-    (folder / "oracles.json").write_text(json.dumps(meta, indent=2))
+    atomic_write(folder / "oracles.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return folder
 
 

@@ -1,3 +1,7 @@
+import re
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -52,3 +56,170 @@ def test_bad_arguments(base):
         generate(base, ["a toy"], _lora(base, 2))
     with pytest.raises(ConfigError, match="steps"):
         generate(base, ["a toy"], steps=0)
+
+
+# -- sampler options, subjects, grids ------------------------------------------------------------------------------
+
+
+def test_one_subject_serves_every_prompt(base):
+    w = _lora(base, 1)
+    prompts = ["a sks toy", "a sks ball in the snow"]
+    for guidance in ("cfg", "hm-cfg"):
+        one = generate(base, prompts, w, guidance=guidance, steps=2, seed=3)
+        each = generate(base, prompts, w.select([0, 0]), guidance=guidance, steps=2, seed=3)
+        torch.testing.assert_close(one, each, rtol=1e-4, atol=1e-4)
+
+
+def test_callback_seed_and_lora_scale(base):
+    w = _lora(base, 1)
+    calls = []
+    a = generate(base, ["a sks toy"], w, steps=3, seed=7, callback=lambda i, t, x: calls.append((i, tuple(x.shape))))
+    assert calls == [(0, (1, 3, 32, 32)), (1, (1, 3, 32, 32)), (2, (1, 3, 32, 32))]
+    assert a.dtype == torch.float32 and a.device.type == "cpu"
+    assert torch.equal(a, generate(base, ["a sks toy"], w, steps=3, seed=7, progress=True))
+    assert (a - generate(base, ["a sks toy"], w, steps=3, seed=8)).abs().max() > 1e-2
+    zero = generate(base, ["a sks toy"], w, steps=3, seed=7, lora_scale=0.0, w_base=2.0, w_pers=1.0)
+    plain = generate(base, ["a sks toy"], None, steps=3, seed=7, guidance_scale=3.0)
+    torch.testing.assert_close(zero, plain, rtol=1e-4, atol=1e-5)  # ΔW = 0: HM-CFG is base CFG with w_base + w_pers
+
+
+def test_parse_mix_and_exact_interpolation(base, tmp_path):
+    from hyperbooth.generate import mix_loras, parse_mix
+    from hyperbooth.lora import save_lora
+
+    assert parse_mix(["a.safetensors:0.5", "C:/x/b.safetensors:-1"]) == [(Path("a.safetensors"), 0.5), (Path("C:/x/b.safetensors"), -1.0)]
+    for bad in ("a.safetensors", "a.safetensors:half", ":0.5", "a.safetensors:nan"):
+        with pytest.raises(ConfigError, match=re.escape(repr(bad))):
+            parse_mix([bad])
+    a, b = _lora(base, 1), LoRAWeights.random(target_shapes(base.unet), rank=2, std=0.3, generator=torch.Generator().manual_seed(9))
+    fa = save_lora(tmp_path / "a.safetensors", a, "kohya", models={"unet": base.unet})
+    fb = save_lora(tmp_path / "b.safetensors", b, "diffusers", models={"unet": base.unet})
+    mixed = mix_loras([(fa, 0.25), (fb, 0.75)], base.unet).deltas()
+    for name, delta in a.deltas().items():
+        torch.testing.assert_close(mixed[name], 0.25 * delta + 0.75 * b.deltas()[name], rtol=1e-5, atol=1e-6)
+
+
+def test_captioned_grid_layout():
+    from hyperbooth.generate import captioned_grid
+
+    cell = np.zeros((8, 8, 3), np.uint8)
+    cell[:, :, 0] = 200
+    plain = captioned_grid([[cell, cell]], [["", ""]], upscale=4, pad=2)
+    assert plain.size == (2 + 2 * (32 + 2), 2 + 32 + 2)
+    assert plain.getpixel((2, 2)) == (200, 0, 0) and plain.getpixel((1, 1)) == (255, 255, 255)
+    long = "a very long prompt that cannot fit in thirty two pixels of width at all"
+    captioned = captioned_grid([[cell, None]], [[long, "seed 1"]], titles=["column one", "two"], upscale=4, pad=2)
+    assert captioned.size[0] == plain.size[0] and captioned.size[1] > plain.size[1] + 5 * 10  # wrapped lines
+    assert len(set(np.asarray(captioned).reshape(-1, 3).sum(1).tolist())) > 3  # text was drawn
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------------
+
+
+def make_tiny_hypernet(unet, folder, seed=0):
+    """A tiny e2e hypernetwork saved to ``folder``, with a random (non-zero) head_B so that it has an effect."""
+    from hyperbooth.methods.e2e import E2EConfig, E2EHyperNetwork
+
+    torch.manual_seed(seed)
+    hn = E2EHyperNetwork(E2EConfig(d_model=32, layers=1, heads=2, encoder_dim=16), target_shapes(unet))
+    for head in hn.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.5)
+    return hn.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def assets(base, tmp_path_factory):
+    """Reference PNGs, a tiny hypernetwork, two LoRA files for the tiny model and one for another model."""
+    from PIL import Image
+
+    from hyperbooth.lora import save_lora
+    from hyperbooth.world.base_model import to_uint8
+    from hyperbooth.world.evaluate import reference_images
+
+    root = tmp_path_factory.mktemp("generate_assets")
+    refs = []
+    for i, image in enumerate(to_uint8(reference_images(7, 2))):
+        Image.fromarray(image).save(root / f"ref{i}.png")
+        refs.append(root / f"ref{i}.png")
+    g = torch.Generator().manual_seed(2)
+    shapes = target_shapes(base.unet)
+    loras = [save_lora(root / f"{n}.safetensors", LoRAWeights.random(shapes, rank=2, std=0.3, generator=g), "diffusers", models={"unet": base.unet}) for n in "ab"]
+    other = save_lora(root / "other.safetensors", LoRAWeights.random({"mid_block.attentions.0.proj_in": (5, 7)}, rank=1, generator=g), "diffusers")
+    return {"refs": refs, "hypernet": make_tiny_hypernet(base.unet, root / "hn"), "loras": loras, "other": other}
+
+
+def _cli(tiny_world_model, *extra):
+    from hyperbooth.cli import main
+
+    return main(["generate", "--model", str(tiny_world_model), "--steps", "2", *map(str, extra)])
+
+
+def test_cli_images_to_folder_matches_generate(tiny_world_model, base, assets, tmp_path, capsys):
+    from PIL import Image
+
+    from hyperbooth.generate import load_hypernet, personalize_refs
+    from hyperbooth.images import load_image
+    from hyperbooth.world.base_model import to_uint8
+
+    prompts = ["a sks toy in the snow", "a red sks toy"]
+    out = tmp_path / "outs"
+    assert _cli(tiny_world_model, "--prompt", *prompts, "--images", *assets["refs"], "--hypernet", assets["hypernet"], "--num-images", 2, "--seed", 4, "--out", f"{out}/") == 0
+    assert "2 reference image(s)" in capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00_a-sks-toy-in-the-snow_seed4.png", "00_a-sks-toy-in-the-snow_seed5.png", "01_a-red-sks-toy_seed4.png", "01_a-red-sks-toy_seed5.png", "grid.png"]
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] == 4 + 2 * (128 + 4) and grid.size[1] > 4 + 2 * (128 + 4)  # 2 seeds x 2 prompts + captions
+    refs = torch.stack([load_image(f, size=32) for f in assets["refs"]])
+    weights, _ = personalize_refs(load_hypernet(assets["hypernet"]), base, refs[None])
+    expected = to_uint8(generate(base, prompts, weights, steps=2, seed=5))
+    got = np.asarray(Image.open(out / "01_a-red-sks-toy_seed5.png"))
+    assert np.abs(got.astype(int) - expected[1]).max() <= 1  # same seed, same image
+    plain = to_uint8(generate(base, prompts, None, steps=2, seed=5))
+    assert np.abs(got.astype(int) - plain[1]).max() > 10  # and the personalization acted
+
+
+def test_cli_lora_and_mix_write_one_grid(tiny_world_model, assets, tmp_path):
+    from PIL import Image
+
+    a, b = assets["loras"]
+    assert _cli(tiny_world_model, "--prompt", "a sks ball", "--lora", a, "--lora-scale", 0.5, "--guidance", "cfg", "--out", tmp_path / "lora.png") == 0
+    assert _cli(tiny_world_model, "--prompt", "a sks ball", "--mix", f"{a}:0.5", f"{b}:0.5", "--scheduler", "euler", "--out", tmp_path / "mix.png") == 0
+    assert _cli(tiny_world_model, "--prompt", "a sks ball", "--out", tmp_path / "base.png") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.png", "lora.png", "mix.png"]
+    images = [np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("lora", "mix", "base")]
+    assert images[0].shape == images[1].shape == images[2].shape == (164, 136, 3)  # one cell, two caption lines
+    assert np.abs(images[1][4:132, 4:132].astype(int) - images[2][4:132, 4:132]).max() > 10  # the mix acted
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--steps", "0"], "0"),
+        (["--scheduler", "lms-fancy"], "'lms-fancy'"),
+        (["--guidance", "pag"], "'pag'"),
+        (["--num-images", "0"], "0"),
+        (["--w-pers", "nan"], "nan"),
+        (["--out", "{tmp}/missing/grid.png"], "missing"),
+        (["--out", "{tmp}/missing/deeper/"], "missing"),
+        (["--out", "{tmp}/grid.jpg"], "grid.jpg"),
+        (["--mix", "{a}"], "a.safetensors"),
+        (["--lora", "{other}"], "other.safetensors"),
+        (["--lora", "{tmp}/nope.safetensors"], "nope.safetensors"),
+        (["--images", "{tmp}/nope.png", "--hypernet", "{hn}"], "nope.png"),
+        (["--images", "{ref}", "--hypernet", "{tmp}/no-hn"], "no-hn"),
+    ],
+)
+def test_cli_bad_input_is_exit_2_naming_the_value(tiny_world_model, assets, tmp_path, capsys, extra, named):
+    fill = {"tmp": tmp_path, "a": assets["loras"][0], "other": assets["other"], "hn": assets["hypernet"], "ref": assets["refs"][0]}
+    extra = [e.format(**fill) for e in extra]
+    args = ["--prompt", "a sks toy", *extra] + ([] if "--out" in extra else ["--out", tmp_path / "grid.png"])
+    assert _cli(tiny_world_model, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and "\n" not in err and err.startswith("hyperbooth generate: error:")
+    assert list(tmp_path.rglob("*")) == []  # no partial or stray files
+
+
+def test_cli_long_prompt_warns(tiny_world_model, tmp_path, caplog):
+    long = "a sks toy " + " ".join(["with a very long description"] * 10) + " in the snow"
+    assert _cli(tiny_world_model, "--prompt", long, "--steps", 1, "--out", tmp_path / "g.png") == 0
+    assert any("truncated" in r.getMessage() for r in caplog.records)

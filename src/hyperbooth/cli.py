@@ -19,9 +19,12 @@ from hyperbooth.errors import HyperboothError
 COMMAND_MODULES = (
     "hyperbooth.demo",
     "hyperbooth.personalize",
+    "hyperbooth.finetune",
+    "hyperbooth.generate",
     "hyperbooth.lora.cli",
     "hyperbooth.train.cli",
     "hyperbooth.world.cli",
+    "hyperbooth.evaluation.cli",
 )
 
 log = logging.getLogger("hyperbooth")

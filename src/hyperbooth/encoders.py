@@ -2,8 +2,10 @@
 
 - :class:`VisionTransformersEncoder`: any transformers vision model from a local folder or hub id (CLIP vision,
   DINOv2, ViT), frozen, with its own preprocessing (resize + normalization read from its image processor config).
-- :class:`WorldImageEncoder`: a small CNN for the embedded world's 32x32 images (8x8 = 64 tokens), trained with
-  the hypernetwork.
+- :class:`WorldImageEncoder`: a small CNN for the embedded world's 32x32 images (8x8 = 64 tokens), either trained
+  with the hypernetwork (``"world"``) or pre-trained on world renders and frozen (``"world-pretrained"``: the
+  shipped weights, see :mod:`hyperbooth.world.pretrain`), the world's counterpart of a frozen CLIP/DINO/face-ID
+  encoder.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperbooth.errors import CheckpointError
+
+#: The frozen, pre-trained world encoder shipped inside the package (``hyperbooth world train-encoder``).
+SHIPPED_WORLD_ENCODER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world", "encoder")
+WORLD_ENCODER_WEIGHTS = "world_encoder.safetensors"
 
 
 class WorldImageEncoder(nn.Module):
@@ -85,6 +91,30 @@ def _processor_stats(path) -> tuple[list[float], list[float]]:
         return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+def load_world_encoder(folder: str | os.PathLike | None = None) -> WorldImageEncoder:
+    """The pre-trained world encoder from ``folder`` (default: the shipped one), frozen."""
+    from safetensors.torch import load_file
+
+    folder = folder or SHIPPED_WORLD_ENCODER
+    path = os.path.join(folder, WORLD_ENCODER_WEIGHTS)
+    try:
+        state = load_file(path)
+    except Exception as e:
+        raise CheckpointError(
+            f"world encoder weights {path} are missing or damaged ({type(e).__name__}); "
+            "retrain them with `hyperbooth world train-encoder` (a few minutes on 2 CPU cores)"
+        ) from None
+    encoder = WorldImageEncoder(dim=state["pos"].shape[-1], width=state["net.0.0.weight"].shape[0])
+    encoder.load_state_dict(state)
+    encoder.trainable = False
+    return encoder.eval().requires_grad_(False)
+
+
 def build_encoder(name: str, dim: int = 128) -> nn.Module:
-    """``"world"`` → :class:`WorldImageEncoder`; anything else is a transformers model folder or hub id."""
-    return WorldImageEncoder(dim=dim) if name == "world" else VisionTransformersEncoder(name)
+    """``"world"`` → a :class:`WorldImageEncoder` trained with the hypernetwork; ``"world-pretrained"`` → the
+    shipped pre-trained one, frozen; anything else is a transformers model folder or hub id (frozen)."""
+    if name == "world":
+        return WorldImageEncoder(dim=dim)
+    if name == "world-pretrained":
+        return load_world_encoder()
+    return VisionTransformersEncoder(name)

@@ -63,3 +63,17 @@ def test_pair_dataset_modes():
         PersonalizationPairDataset(mode="mixed")
     with pytest.raises(ConfigError, match="k"):
         PersonalizationPairDataset(k=0)
+
+
+def test_prerendered_dataset_serves_the_same_samples():
+    from hyperbooth.world.datasets import PrerenderedDataset
+
+    pairs = PersonalizationPairDataset("train", size=20, k=2, mode="cross", seed=3)
+    cached = PrerenderedDataset(pairs, range(5, 9), workers=0, progress=False)
+    assert len(cached) == len(pairs)
+    for i in range(5, 9):
+        a, b = pairs[i], cached[i]
+        assert torch.equal(a["references"], b["references"]) and torch.equal(a["target"], b["target"])
+        assert a["prompt"] == b["prompt"] and a["labels"] == b["labels"]
+    with pytest.raises(IndexError, match="4"):
+        cached[4]

@@ -32,7 +32,8 @@ class DataConfig:
     seed: int = 0
     cond_dropout: float = 0.1  # probability of training a sample on the empty prompt (for classifier-free guidance)
     text_max_length: int = 24
-    num_workers: int = 1  # render processes feeding the training loop
+    num_workers: int = 1  # render processes
+    prerender: bool = True  # render the whole run's samples first (on num_workers processes), then train from memory
 
     def validate(self) -> None:
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -145,10 +146,15 @@ class BatchSource:
         from hyperbooth.world.datasets import BaseSampleDataset
 
         b = cfg.optim.batch_size
+        from hyperbooth.world.datasets import PrerenderedDataset
+
         dataset = BaseSampleDataset(split="train", size=cfg.optim.max_steps * b, resolution=cfg.data.resolution, seed=cfg.data.seed)
         indices = range(start_step * b, len(dataset))
-        self.loader = iter(DataLoader(dataset, batch_size=b, sampler=indices, num_workers=cfg.data.num_workers, collate_fn=_collate,
-                                      persistent_workers=False, prefetch_factor=4 if cfg.data.num_workers else None))
+        workers = cfg.data.num_workers
+        if cfg.data.prerender:
+            dataset, workers = PrerenderedDataset(dataset, indices, workers=workers), 0
+        self.loader = iter(DataLoader(dataset, batch_size=b, sampler=indices, num_workers=workers, collate_fn=_collate,
+                                      persistent_workers=False, prefetch_factor=4 if workers else None))
         self.text = text_encoder
         self.cond_dropout = cfg.data.cond_dropout
 

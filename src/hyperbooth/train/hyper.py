@@ -39,7 +39,8 @@ class PairDataConfig:
     resolution: int = 32
     seed: int = 0
     cond_dropout: float = 0.05
-    num_workers: int = 1
+    num_workers: int = 1  # render processes
+    prerender: bool = True  # render this process's samples first (on num_workers processes), then train from memory
 
     def validate(self) -> None:
         if self.mode not in ("cross", "same"):
@@ -143,7 +144,12 @@ def train_hypernet(cfg: HyperTrainConfig, resume: bool = False, base=None) -> Pa
     pairs = _Indexed(PersonalizationPairDataset("train", size=cfg.optim.max_steps * cfg.optim.batch_size, k=d.k, mode=d.mode, resolution=d.resolution, seed=d.seed))
     # this process's share of each global batch: indices s·G + rank·b … s·G + (rank+1)·b − 1
     indices = [s * cfg.optim.batch_size + rank * local_batch + i for s in range(step, cfg.optim.max_steps) for i in range(local_batch)]
-    loader = iter(DataLoader(pairs, batch_size=local_batch, sampler=indices, num_workers=d.num_workers, collate_fn=_collate, prefetch_factor=4 if d.num_workers else None))
+    workers = d.num_workers
+    if d.prerender:
+        from hyperbooth.world.datasets import PrerenderedDataset
+
+        pairs, workers = PrerenderedDataset(pairs, indices, workers=workers, progress=accelerator.is_main_process), 0
+    loader = iter(DataLoader(pairs, batch_size=local_batch, sampler=indices, num_workers=workers, collate_fn=_collate, prefetch_factor=4 if workers else None))
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""`hyperbooth world sample | train-oracles | eval-oracles | eval-base`."""
+"""`hyperbooth world sample | train-oracles | eval-oracles | eval-base | eval-personalization`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ def register(subparsers) -> None:
     train.add_argument("--steps", type=_int, default=None)
     train.set_defaults(func=_train_oracles)
 
+    enc = sub.add_parser("train-encoder", help="pre-train the frozen world image encoder the hypernetworks read")
+    enc.add_argument("--out", type=Path, default=None, help="folder (default: the package's shipped encoder)")
+    enc.add_argument("--steps", type=_int, default=None)
+    enc.set_defaults(func=_train_encoder)
+
     ev = sub.add_parser("eval-oracles", help="print the oracles' held-out figures")
     ev.add_argument("--oracles", type=Path, default=None)
     ev.add_argument("--num", type=_int, default=500)
@@ -53,6 +58,32 @@ def register(subparsers) -> None:
     base.add_argument("--json", type=Path, default=None, help="also write the figures here")
     base.add_argument("--grid", type=Path, default=None, help="also write a grid of generations here")
     base.set_defaults(func=_eval_base)
+
+    pers = sub.add_parser(
+        "eval-personalization",
+        help="subject vs prompt fidelity of the e2e hypernetwork (floor, CFG, HM-CFG; --sweep for the HM-CFG grid)",
+        description="Held-out identities x evaluation contexts; one row per method and setting; prints a Markdown table "
+        "and the HM-CFG vs personalized-CFG comparison at equal subject fidelity.",
+    )
+    pers.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped one)")
+    pers.add_argument("--oracles", type=Path, default=None, help="oracle folder (default: the shipped one)")
+    pers.add_argument("--hypernet", type=Path, action="append", default=None, help="hypernetwork folder; repeat to compare several (default: the shipped e2e one)")
+    pers.add_argument("--label", action="append", default=None, help="row label of each --hypernet, in order")
+    pers.add_argument("--refs", default="1", help="reference images per subject, a list (e.g. 1,3)")
+    pers.add_argument("--num-identities", type=_int, default=50)
+    pers.add_argument("--prompts", type=_int, default=6, help="evaluation prompts per identity")
+    pers.add_argument("--steps", type=_int, default=25)
+    pers.add_argument("--scheduler", default="ddim")
+    pers.add_argument("--guidance-scales", default=None, help="CFG scales of the floor and personalized-CFG rows (default 3; with --sweep 2,3,4)")
+    pers.add_argument("--w-base", default=None, help="HM-CFG w_base values (default 3; with --sweep 1,2,3,4)")
+    pers.add_argument("--w-pers", default=None, help="HM-CFG w_pers values (default 1; with --sweep 0.5,1,1.5,2)")
+    pers.add_argument("--sweep", action="store_true", help="every (w_base, w_pers) pair instead of pairing the lists element by element")
+    pers.add_argument("--tolerance", type=float, default=0.02, help="subject-fidelity window of the HM-CFG vs CFG comparison")
+    pers.add_argument("--batch-size", type=_int, default=48, help="prompts per generate call")
+    pers.add_argument("--seed", type=_int, default=0)
+    pers.add_argument("--json", type=Path, default=None, help="also write rows and comparison here")
+    pers.add_argument("--plot", type=Path, default=None, help="also draw subject (x) vs prompt (y) fidelity here (PNG)")
+    pers.set_defaults(func=_eval_personalization)
 
 
 def write_png(image: np.ndarray, out: Path) -> Path:
@@ -98,6 +129,19 @@ def _train_oracles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_encoder(args: argparse.Namespace) -> int:
+    from hyperbooth.encoders import SHIPPED_WORLD_ENCODER
+    from hyperbooth.world.pretrain import EncoderPretrainConfig, pretrain_world_encoder, save_world_encoder
+
+    cfg = EncoderPretrainConfig() if args.steps is None else EncoderPretrainConfig(steps=args.steps)
+    if cfg.steps < 1:
+        raise ConfigError(f"--steps={cfg.steps} must be at least 1")
+    encoder, figures = pretrain_world_encoder(cfg)
+    save_world_encoder(args.out or Path(SHIPPED_WORLD_ENCODER), encoder, cfg, figures)
+    print(json.dumps(figures, indent=2))
+    return 0
+
+
 def _eval_oracles(args: argparse.Namespace) -> int:
     from hyperbooth.world.oracles import Oracles, evaluate_oracles
 
@@ -118,4 +162,63 @@ def _eval_base(args: argparse.Namespace) -> int:
     print(text)
     if args.json:
         args.json.write_text(text)
+    return 0
+
+
+def _numbers(text: str, option: str, kind=float) -> list:
+    """``"1,2,3"`` → numbers; a clear error naming the option and the bad item."""
+    values = []
+    for item in str(text).split(","):
+        try:
+            values.append(kind(item.strip()))
+        except ValueError:
+            raise ConfigError(f"{option}={text!r}: {item.strip()!r} is not {'an integer' if kind is int else 'a number'}") from None
+    return values
+
+
+def _eval_personalization(args: argparse.Namespace) -> int:
+    import time
+
+    from hyperbooth.personalize import SHIPPED_HYPERNET
+    from hyperbooth.world import evaluate as ev
+    from hyperbooth.world.base_model import WorldBaseModel
+    from hyperbooth.world.oracles import Oracles
+
+    t0 = time.perf_counter()
+    refs = _numbers(args.refs, "--refs", int)
+    if any(k < 1 for k in refs):
+        raise ConfigError(f"--refs={args.refs!r}: every reference count must be at least 1")
+    scales = [ev.check_weight(g, "--guidance-scales") for g in _numbers(args.guidance_scales or ("2,3,4" if args.sweep else "3"), "--guidance-scales")]
+    w_base = _numbers(args.w_base or ("1,2,3,4" if args.sweep else "3"), "--w-base")
+    w_pers = _numbers(args.w_pers or ("0.5,1,1.5,2" if args.sweep else "1"), "--w-pers")
+    pairs = ev.hm_cfg_pairs(w_base, w_pers, sweep=args.sweep)
+    for option, value in (("--num-identities", args.num_identities), ("--prompts", args.prompts), ("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{option}={value} must be at least 1")
+    for option, out in (("--json", args.json), ("--plot", args.plot)):
+        if out is not None and not out.parent.is_dir():
+            raise ConfigError(f"{option} {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    folders = args.hypernet or [SHIPPED_HYPERNET]
+    hypernets = ev.load_hypernetworks(folders, args.label)
+    base = WorldBaseModel.from_pretrained(args.model)
+    for folder, hypernet in zip(folders, hypernets.values()):
+        ev.check_hypernetwork(hypernet, base, folder)
+    oracles = Oracles.load(args.oracles)
+    rows = ev.personalization_rows(list(hypernets), refs, scales, pairs)
+    result = ev.evaluate_personalization(
+        base, oracles, hypernets, rows, num_identities=args.num_identities, prompts_per_identity=args.prompts,
+        steps=args.steps, seed=args.seed, batch_size=args.batch_size, scheduler=args.scheduler, tolerance=args.tolerance,
+    )
+    minutes = (time.perf_counter() - t0) / 60
+    settings = result["settings"]
+    print(ev.personalization_table(result))
+    print()
+    print(ev.comparison_table(result["comparison"], args.tolerance))
+    print()
+    print(f"{len(rows)} rows x {settings['images_per_row']} images ({settings['num_identities']} held-out identities x {settings['prompts_per_identity']} prompts), {args.steps} {args.scheduler} steps: {minutes:.1f} min")
+    if args.json:
+        text = json.dumps(ev.to_json({**result, "elapsed_minutes": minutes}), indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+    if args.plot:
+        ev.plot_fidelity(result["rows"], args.plot)
     return 0

@@ -115,3 +115,62 @@ class PersonalizationPairDataset(Dataset):
             "identity": identity.seed,
             "labels": labels_of(identity.class_name, context),
         }
+
+
+def _to_uint8(item: dict) -> dict:
+    """Image tensors in [-1, 1] → uint8 numpy arrays (exact: they were made from uint8 renders; numpy, not tensors,
+    so that worker processes send bytes rather than one shared-memory file descriptor per image)."""
+    return {k: ((v + 1.0) * 127.5).round().to(torch.uint8).numpy() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in item.items()}
+
+
+class _Uint8View(Dataset):
+    def __init__(self, dataset: Dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict:
+        return _to_uint8(self.dataset[self.indices[position]])
+
+
+class PrerenderedDataset(Dataset):
+    """A world dataset rendered once, ahead of training, by ``workers`` processes and then served from memory.
+
+    Indexed like the wrapped dataset (only ``indices`` are rendered); samples are identical to the wrapped
+    dataset's, images are held as uint8. Why: on 2 CPU cores a render process working beside the training step
+    takes a core from torch's threads (measured 1.5 s vs 1.0 s per base-model step of 32); rendering everything
+    first on both cores costs ~8 % of the run instead of ~50 %.
+    """
+
+    def __init__(self, dataset: Dataset, indices, workers: int = 2, progress: bool = True, desc: str = "render"):
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        indices = list(indices)
+        self.size = len(dataset)
+        self.position = {index: position for position, index in enumerate(indices)}
+        self.fields: dict[str, list] = {}
+        loader = DataLoader(_Uint8View(dataset, indices), batch_size=256, num_workers=workers, collate_fn=list)
+        with tqdm(total=len(indices), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+            for items in loader:
+                for item in items:
+                    for key, value in item.items():
+                        self.fields.setdefault(key, []).append(value)
+                bar.update(len(items))
+        for key, values in self.fields.items():
+            if values and isinstance(values[0], np.ndarray):
+                self.fields[key] = torch.from_numpy(np.stack(values))  # (n, ...) uint8 images: one block
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        position = self.position.get(index)
+        if position is None:
+            raise IndexError(f"index {index} was not prerendered")
+        item = {}
+        for key, values in self.fields.items():
+            value = values[position]
+            item[key] = value.float() / 127.5 - 1.0 if torch.is_tensor(value) and value.dtype == torch.uint8 else value
+        return item

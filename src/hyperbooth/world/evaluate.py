@@ -1,21 +1,32 @@
-"""Measuring the world's base model with the oracles: prompt fidelity per attribute and sample diversity.
+"""Measuring with the oracles: the world's base model (prompt fidelity per attribute, sample diversity) and
+personalization (subject and prompt fidelity of the hypernetworks under CFG and HM-CFG, against the floor).
 
-``hyperbooth world eval-base`` prints these figures; the README's table comes from it.
+``hyperbooth world eval-base`` and ``hyperbooth world eval-personalization`` print these figures; the README's
+tables come from them.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
+import os
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.files import atomic_write
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world.base_model import WorldBaseModel, to_uint8
 from hyperbooth.world.datasets import labels_of
+from hyperbooth.world.identity import identity_class
 from hyperbooth.world.oracles import HEADS, Oracles, identity_views
+from hyperbooth.world.splits import identity_seeds
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +140,565 @@ def _write_grid(generations, path, per_row: int = 8) -> None:
             rows[context.background].append(image)
     order = [None] + [b for b in ctx.BACKGROUNDS if b in rows]
     write_png(grid([rows[b] for b in order if b in rows], upscale=3), path)
+
+
+# -- personalization fidelity (shared by the demo, the hypernetwork table, the HM-CFG sweep, the baselines) -----
+
+
+def reference_images(identity_seed: int, k: int, seed: int = 0, resolution: int = 32) -> torch.Tensor:
+    """``k`` reference photos of one identity, as a user would take them: random DreamBench-World backgrounds
+    (own colours, no hat) and poses; ``(k, 3, H, W)`` in [-1, 1]. Deterministic in ``(identity_seed, seed)``."""
+    from hyperbooth.world.datasets import sample_context, to_tensor
+    from hyperbooth.world.identity import make_identity
+    from hyperbooth.world.render import render_identity, sample_pose
+
+    rng = np.random.default_rng([identity_seed, seed, 17])
+    identity = make_identity(identity_seed)
+    images = []
+    for _ in range(k):
+        context = sample_context(rng, identity.class_name, "test", recolor=False, accessory=False)
+        images.append(to_tensor(render_identity(identity, context, sample_pose(rng), resolution, scene_seed=int(rng.integers(2**31)))))
+    return torch.stack(images)
+
+
+@torch.no_grad()
+def identity_prototype(oracles: Oracles, identity_seed: int, views: int = 8, seed: int = 1) -> torch.Tensor:
+    """The oracle's identity embedding of one identity: the normalized mean over ``views`` held-out renders in
+    random contexts and poses (none of them the references) → ``(d,)``."""
+    rng = np.random.default_rng([identity_seed, seed, 19])
+    z = oracles.identity(identity_views([identity_seed], views, rng))  # (views, d)
+    return torch.nn.functional.normalize(z.mean(0), dim=-1)
+
+
+@torch.no_grad()
+def subject_fidelity(oracles: Oracles, images: torch.Tensor, identity_seeds: list[int]) -> torch.Tensor:
+    """Subject fidelity per image (the world's DINO / CLIP-I): the oracle identity cosine between generated image
+    ``i`` and the prototype of identity ``identity_seeds[i]`` over held-out renders; ``(B,)`` in [-1, 1]."""
+    if len(identity_seeds) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(identity_seeds)} identity seeds")
+    protos = {s: identity_prototype(oracles, s) for s in set(identity_seeds)}
+    z = oracles.identity(images)  # (B, d), unit norm
+    return (z * torch.stack([protos[s] for s in identity_seeds])).sum(-1)
+
+
+@torch.no_grad()
+def prompt_fidelity(oracles: Oracles, images: torch.Tensor, classes: list[str], contexts: list[ctx.Context]) -> dict[str, torch.Tensor]:
+    """Prompt fidelity per image and attribute (the world's CLIP-T): 1 where the context oracle sees what the prompt
+    asked for, 0 where not, NaN where the prompt did not ask (no background / recolour / accessory named).
+
+    Keys: ``class``, ``background``, ``recolor``, ``accessory``, and ``context`` (all attributes the prompt named
+    are right), each ``(B,)`` float.
+    """
+    pred = oracles.context.predict(images)
+    out = {name: torch.full((images.shape[0],), float("nan")) for name in (*HEADS, "context")}
+    for i, (class_name, context) in enumerate(zip(classes, contexts)):
+        labels = labels_of(class_name, context)
+        out["class"][i] = float(pred["class"][i] == labels["class"])
+        asked = {"background": context.background, "recolor": context.recolor, "accessory": context.accessory}
+        for name, value in asked.items():
+            if value is not None:
+                out[name][i] = float(pred[name][i] == labels[name])
+        named = [out[name][i] for name, value in asked.items() if value is not None]
+        out["context"][i] = float(all(v == 1 for v in named)) if named else float("nan")
+    return out
+
+
+# -- the personalization table: does the e2e hypernetwork work, and does HM-CFG beat CFG -------------------------
+#
+# Protocol (``hyperbooth world eval-personalization``): held-out identities (``identity_seeds("test", n)``), each
+# with ``k`` references from :func:`reference_images` and a fixed set of evaluation contexts over every context type
+# (:func:`personalization_items`). Every row generates the same (identity, context) list with the same initial
+# noise, so rows differ only by the method: ``floor`` (base model, class prompt, CFG), ``cfg`` (personalized model,
+# rare-token prompt, CFG) and ``hm-cfg`` (Hybrid-Model CFG with ``w_base``, ``w_pers``).
+
+#: Context kinds of an identity's evaluation prompts, in order; prompt ``j`` of an identity has kind ``j mod 8``.
+PERSONALIZATION_KINDS: tuple[str, ...] = (
+    "plain",
+    "background",
+    "recolor",
+    "accessory",
+    "recolor+background",
+    "accessory+background",
+    "recolor+accessory+background",
+    "background",
+)
+#: The context types a prompt can belong to (a combination belongs to each of its parts).
+CONTEXT_TYPES: tuple[str, ...] = ("plain", "background", "recolor", "accessory")
+ROW_KINDS: tuple[str, ...] = ("floor", "cfg", "hm-cfg")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One generation of the protocol: subject ``subject`` (its index among the identities) in ``context``."""
+
+    subject: int
+    identity_seed: int
+    class_name: str
+    context: ctx.Context
+
+    def prompt(self, token: str | None) -> str:
+        return ctx.prompt_for(self.class_name, self.context, token=token)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        c = self.context
+        named = tuple(t for t, v in (("background", c.background), ("recolor", c.recolor), ("accessory", c.accessory)) if v is not None)
+        return named or ("plain",)
+
+
+def personalization_items(seeds: Sequence[int], prompts_per_identity: int = 6) -> list[EvalItem]:
+    """The evaluation contexts, identity-major: identity ``i`` gets kinds ``PERSONALIZATION_KINDS[:prompts_per_identity]``
+    (cycled); backgrounds and recolours are dealt in turn across all identities, so with 6 prompts every background
+    occurs within 4 identities and every identity is shown both red and purple. Deterministic."""
+    if prompts_per_identity < 1:
+        raise ConfigError(f"prompts_per_identity={prompts_per_identity} must be at least 1")
+    deal = {"background": list(ctx.BACKGROUNDS), "recolor": list(ctx.RECOLOR_WORDS), "accessory": list(ctx.ACCESSORY_PHRASES)}
+    dealt = dict.fromkeys(deal, 0)
+    items = []
+    for i, seed in enumerate(seeds):
+        class_name = identity_class(seed)
+        for j in range(prompts_per_identity):
+            fields = {}
+            for part in PERSONALIZATION_KINDS[j % len(PERSONALIZATION_KINDS)].split("+"):
+                if part in deal:
+                    fields[part] = deal[part][dealt[part] % len(deal[part])]
+                    dealt[part] += 1
+            items.append(EvalItem(i, int(seed), class_name, ctx.Context(**fields)))
+    return items
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One row of the table: a sampling method and its settings.
+
+    ``kind``: ``"floor"`` (base model, CFG), ``"cfg"`` (personalized model, CFG) or ``"hm-cfg"``. ``hypernet``: the
+    label of the hypernetwork of a personalized row; ``refs``: its reference images per subject. ``class_prompt``:
+    prompt with the class noun only (``"a toy …"``) instead of the rare-token form (``"a sks toy …"``); by default
+    the floor does, the personalized rows do not.
+    """
+
+    kind: str
+    hypernet: str | None = None
+    refs: int = 1
+    guidance_scale: float = 3.0
+    w_base: float = 3.0
+    w_pers: float = 1.0
+    class_prompt: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROW_KINDS:
+            raise ConfigError(f"unknown row kind {self.kind!r}; choose one of {', '.join(ROW_KINDS)}")
+        if self.kind != "floor" and not self.hypernet:
+            raise ConfigError(f"a {self.kind!r} row needs the label of a hypernetwork")
+        if isinstance(self.refs, bool) or not isinstance(self.refs, int) or self.refs < 1:
+            raise ConfigError(f"refs={self.refs!r} must be an integer of at least 1")
+        for name in ("guidance_scale", "w_base", "w_pers"):
+            check_weight(getattr(self, name), name)
+
+    @property
+    def token(self) -> str | None:
+        uses_class_prompt = self.kind == "floor" if self.class_prompt is None else self.class_prompt
+        return None if uses_class_prompt else ctx.RARE_TOKEN
+
+    @property
+    def label(self) -> str:
+        if self.kind == "floor":
+            text = f"floor cfg g={self.guidance_scale:g}"
+        else:
+            name = self.hypernet + (f" k={self.refs}" if self.refs != 1 else "")
+            text = f"{name} cfg g={self.guidance_scale:g}" if self.kind == "cfg" else f"{name} hm-cfg w_base={self.w_base:g} w_pers={self.w_pers:g}"
+        if self.class_prompt is not None and (self.token is None) != (self.kind == "floor"):
+            text += " (class prompt)" if self.token is None else f" ({ctx.RARE_TOKEN} prompt)"
+        return text
+
+
+def check_weight(value, name: str) -> float:
+    """A guidance weight: a finite number ≥ 0; the error names it."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise ConfigError(f"{name}={value!r} must be a finite number ≥ 0")
+    return v
+
+
+def hm_cfg_pairs(w_base: Sequence[float], w_pers: Sequence[float], sweep: bool = False) -> list[tuple[float, float]]:
+    """``(w_base, w_pers)`` pairs: every combination (``sweep``), else element by element (a single value pairs
+    with every value of the other list)."""
+    w_base = [check_weight(v, "w_base") for v in w_base]
+    w_pers = [check_weight(v, "w_pers") for v in w_pers]
+    if not w_base or not w_pers:
+        raise ConfigError(f"w_base={w_base} and w_pers={w_pers} must both name at least one weight")
+    if sweep:
+        return list(itertools.product(w_base, w_pers))
+    if len(w_base) == 1 or len(w_pers) == 1:
+        return [(b, p) for b in w_base for p in w_pers]
+    if len(w_base) != len(w_pers):
+        raise ConfigError(f"w_base={w_base} and w_pers={w_pers} differ in length; give equally long lists, one value, or sweep the grid")
+    return list(zip(w_base, w_pers))
+
+
+def personalization_rows(
+    hypernets: Sequence[str],
+    refs: Sequence[int] = (1,),
+    guidance_scales: Sequence[float] = (3.0,),
+    hm_pairs: Sequence[tuple[float, float]] = ((3.0, 1.0),),
+) -> list[RowSpec]:
+    """The rows of the table: the floor at each guidance scale, then for each hypernetwork and reference count its CFG
+    rows (each guidance scale) and HM-CFG rows (each ``(w_base, w_pers)`` pair)."""
+    if not guidance_scales:
+        raise ConfigError("guidance_scales must name at least one scale")
+    if not refs:
+        raise ConfigError("refs must name at least one reference count")
+    rows = [RowSpec("floor", guidance_scale=g) for g in guidance_scales]
+    for label in hypernets:
+        for k in refs:
+            rows += [RowSpec("cfg", label, k, guidance_scale=g) for g in guidance_scales]
+            rows += [RowSpec("hm-cfg", label, k, w_base=b, w_pers=p) for b, p in hm_pairs]
+    return rows
+
+
+def load_hypernetworks(folders: Sequence[str | os.PathLike], labels: Sequence[str] | None = None, base: WorldBaseModel | None = None) -> dict:
+    """label → :class:`~hyperbooth.methods.e2e.E2EHyperNetwork` for each folder (default labels: ``e2e`` for one,
+    else the run's folder name); with ``base``, checks each emits the LoRA shapes of its UNet."""
+    from hyperbooth.methods.e2e import E2EHyperNetwork
+
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise ConfigError("name at least one hypernetwork folder")
+    if labels is None or not list(labels):
+        labels = ["e2e"] if len(folders) == 1 else [f"e2e:{(f.parent if f.name == 'hypernet' else f).name}" for f in folders]
+    labels = list(labels)
+    if len(labels) != len(folders):
+        raise ConfigError(f"{len(labels)} labels {labels} for {len(folders)} hypernetwork folders; give one label per folder")
+    if len(set(labels)) != len(labels) or not all(labels):
+        raise ConfigError(f"hypernetwork labels {labels} must be distinct and non-empty")
+    for folder in folders:
+        if not folder.is_dir():
+            raise CheckpointError(f"hypernetwork folder {folder} does not exist; train one with `hyperbooth train --config configs/e2e_world.yaml`")
+    out = {}
+    for label, folder in zip(labels, folders):
+        out[label] = E2EHyperNetwork.from_pretrained(folder)
+        if base is not None:
+            check_hypernetwork(out[label], base, folder)
+    return out
+
+
+def check_hypernetwork(hypernet, base: WorldBaseModel, source) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` unless the hypernetwork emits the LoRA shapes of ``base``'s UNet."""
+    from hyperbooth.lora.inject import target_shapes
+
+    wanted = target_shapes(base.unet, hypernet.config.targets)
+    if wanted != hypernet.target_shapes:
+        first = sorted(set(wanted.items()) ^ set(hypernet.target_shapes.items()))[0]
+        raise CheckpointError(f"hypernetwork {source} was built for another UNet than {base.path} (first difference: {first[0]!r})")
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    kept = values[~torch.isnan(values)]
+    return float(kept.mean()) if kept.numel() else float("nan")
+
+
+@torch.no_grad()
+def personalization_metrics(oracles: Oracles, images: torch.Tensor, items: Sequence[EvalItem]) -> dict[str, float]:
+    """Subject fidelity (``subject``, its standard error ``subject_sem``), prompt fidelity (``prompt``: all named
+    attributes right; ``prompt_<attribute>`` each), and both per context type (``subject_<type>``,
+    ``prompt_<type>``) of one row's images."""
+    subject = subject_fidelity(oracles, images, [it.identity_seed for it in items]).float()
+    prompt = prompt_fidelity(oracles, images, [it.class_name for it in items], [it.context for it in items])
+    n = subject.numel()
+    out = {
+        "subject": float(subject.mean()),
+        "subject_sem": float(subject.std() / math.sqrt(n)) if n > 1 else float("nan"),
+        "prompt": _nanmean(prompt["context"]),
+    }
+    for name in HEADS:
+        out[f"prompt_{name}"] = _nanmean(prompt[name])
+    for kind in CONTEXT_TYPES:
+        mask = torch.tensor([kind in it.types for it in items])
+        out[f"subject_{kind}"] = float(subject[mask].mean()) if mask.any() else float("nan")
+        out[f"prompt_{kind}"] = _nanmean(prompt["context"][mask])
+    return out
+
+
+@torch.no_grad()
+def generate_row(
+    base: WorldBaseModel,
+    row: RowSpec,
+    items: Sequence[EvalItem],
+    weights=None,
+    steps: int = 25,
+    seed: int = 0,
+    batch_size: int = 48,
+    scheduler: str = "ddim",
+) -> torch.Tensor:
+    """The images of one row, ``(len(items), 3, H, W)``: chunks of ``batch_size`` prompts, one ``generate`` call each,
+    chunk ``b`` seeded ``seed + b`` (the same noise in every row). ``weights``: LoRAWeights of all subjects (row
+    ``i`` uses subject ``items[i].subject``); ignored by the floor."""
+    from hyperbooth.generate import generate
+
+    if row.kind != "floor" and weights is None:
+        raise ConfigError(f"row {row.label!r} needs the subjects' LoRA weights")
+    images = []
+    for b, chunk in enumerate(_batched(items, batch_size)):
+        prompts = [it.prompt(row.token) for it in chunk]
+        if row.kind == "floor":
+            x = generate(base, prompts, None, guidance_scale=row.guidance_scale, steps=steps, seed=seed + b, scheduler=scheduler)
+        else:
+            w = weights.select([it.subject for it in chunk])
+            x = generate(base, prompts, w, guidance=row.kind, guidance_scale=row.guidance_scale, w_base=row.w_base, w_pers=row.w_pers, steps=steps, seed=seed + b, scheduler=scheduler)
+        images.append(x)
+    return torch.cat(images)
+
+
+def _check_positive(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be an integer of at least 1")
+    return value
+
+
+@torch.no_grad()
+def evaluate_personalization(
+    base: WorldBaseModel,
+    oracles: Oracles,
+    hypernets: Mapping[str, torch.nn.Module] | torch.nn.Module,
+    rows: Sequence[RowSpec] | None = None,
+    num_identities: int = 50,
+    prompts_per_identity: int = 6,
+    steps: int = 25,
+    seed: int = 0,
+    batch_size: int = 48,
+    scheduler: str = "ddim",
+    tolerance: float = 0.02,
+) -> dict:
+    """Subject and prompt fidelity of every row on ``num_identities`` held-out identities (see the protocol above).
+
+    ``hypernets``: label → hypernetwork (a single one is labelled ``e2e``); ``rows``: default the floor, e2e CFG and
+    e2e HM-CFG at the generator's defaults. Returns ``{"rows": [...], "comparison": compare_hm_cfg(rows),
+    "settings": {...}, "minutes": ...}``; each row a dict of its settings and figures, the first row the
+    references' own subject fidelity (renders of the identity: the upper reference).
+    """
+    from hyperbooth.sampling import SCHEDULERS
+
+    t_start = time.perf_counter()
+    if isinstance(hypernets, torch.nn.Module):
+        hypernets = {"e2e": hypernets}
+    hypernets = dict(hypernets)
+    rows = list(rows) if rows is not None else personalization_rows(list(hypernets))
+    _check_positive(num_identities, "num_identities")
+    _check_positive(prompts_per_identity, "prompts_per_identity")
+    _check_positive(steps, "steps")
+    _check_positive(batch_size, "batch_size")
+    if not rows:
+        raise ConfigError("rows must name at least one row")
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    for row in rows:
+        if row.kind != "floor" and row.hypernet not in hypernets:
+            raise ConfigError(f"row {row.label!r} names hypernetwork {row.hypernet!r}; loaded: {', '.join(hypernets) or 'none'}")
+    if len({row.label for row in rows}) != len(rows):
+        raise ConfigError("rows repeat a setting; give each row once")
+
+    seeds = list(identity_seeds("test", num_identities))
+    items = personalization_items(seeds, prompts_per_identity)
+    k_max = max([row.refs for row in rows if row.kind != "floor"], default=1)
+    references = torch.stack([reference_images(s, k_max, resolution=base.resolution) for s in seeds])  # (N, k_max, 3, H, W)
+    ref_subject = subject_fidelity(oracles, references.flatten(0, 1), [s for s in seeds for _ in range(k_max)]).float()
+    nan = float("nan")
+    results = [{
+        "label": f"references (renders, k={k_max})", "kind": "references", "hypernet": None, "refs": k_max,
+        "guidance_scale": None, "w_base": None, "w_pers": None, "images": int(ref_subject.numel()),
+        "subject": float(ref_subject.mean()),
+        "subject_sem": float(ref_subject.std() / math.sqrt(ref_subject.numel())) if ref_subject.numel() > 1 else nan,
+        "prompt": nan, **{f"prompt_{h}": nan for h in HEADS},
+        **{f"{m}_{t}": nan for t in CONTEXT_TYPES for m in ("subject", "prompt")},
+        "seconds_per_image": nan, "hypernet_ms_per_subject": nan,
+    }]
+
+    weights, hyper_ms = {}, {}
+    for label, k in dict.fromkeys((row.hypernet, row.refs) for row in rows if row.kind != "floor"):
+        hypernet = hypernets[label].eval()
+        refs = references[:, :k]  # (N, k, 3, H, W)
+        hypernet(refs[:1])  # warm-up, not timed
+        t0 = time.perf_counter()
+        weights[label, k] = hypernet(refs).detach()  # N subjects in one pass
+        hyper_ms[label, k] = (time.perf_counter() - t0) * 1e3 / len(seeds)
+
+    for r, row in enumerate(rows):
+        t0 = time.perf_counter()
+        images = generate_row(base, row, items, weights.get((row.hypernet, row.refs)), steps=steps, seed=seed, batch_size=batch_size, scheduler=scheduler)
+        seconds = time.perf_counter() - t0
+        personalized = row.kind != "floor"
+        results.append({
+            "label": row.label, "kind": row.kind,
+            "hypernet": row.hypernet if personalized else None, "refs": row.refs if personalized else None,
+            "guidance_scale": row.guidance_scale if row.kind != "hm-cfg" else None,
+            "w_base": row.w_base if row.kind == "hm-cfg" else None, "w_pers": row.w_pers if row.kind == "hm-cfg" else None,
+            "images": len(items),
+            **personalization_metrics(oracles, images, items),
+            "seconds_per_image": seconds / len(items),
+            "hypernet_ms_per_subject": hyper_ms[row.hypernet, row.refs] if personalized else nan,
+        })
+        log.info("row %d/%d %s: subject %.3f prompt %.3f (%.0f s)", r + 1, len(rows), row.label, results[-1]["subject"], results[-1]["prompt"], seconds)
+    return {
+        "rows": results,
+        "comparison": compare_hm_cfg(results, tolerance),
+        "settings": {
+            "num_identities": num_identities, "prompts_per_identity": prompts_per_identity, "images_per_row": len(items),
+            "steps": steps, "seed": seed, "batch_size": batch_size, "scheduler": scheduler, "tolerance": tolerance,
+            "identity_seeds": seeds, "base_model": str(base.path),
+        },
+        "minutes": (time.perf_counter() - t_start) / 60,
+    }
+
+
+def compare_hm_cfg(rows: Sequence[Mapping], tolerance: float = 0.02) -> list[dict]:
+    """For each HM-CFG row, the personalized-CFG row (same hypernetwork and reference count) nearest in subject
+    fidelity, and HM-CFG's prompt-fidelity gain over it, overall and on recolour prompts. ``matched``: the subject
+    fidelities are within ``tolerance`` (the claim "at equal subject fidelity HM-CFG's prompt fidelity is higher"
+    is judged on matched rows only); ``better``: matched and the prompt gain is positive."""
+    if not (tolerance >= 0 and math.isfinite(tolerance)):
+        raise ConfigError(f"tolerance={tolerance!r} must be a finite number ≥ 0")
+    out = []
+    for hm in rows:
+        if hm.get("kind") != "hm-cfg":
+            continue
+        candidates = [r for r in rows if r.get("kind") == "cfg" and r.get("hypernet") == hm.get("hypernet") and r.get("refs") == hm.get("refs") and math.isfinite(r["subject"])]
+        nearest = min(candidates, key=lambda r: abs(r["subject"] - hm["subject"]), default=None)
+        entry = {"hm_cfg": hm["label"], "cfg": None, "subject_gap": float("nan"), "prompt_gain": float("nan"), "recolor_prompt_gain": float("nan"), "matched": False, "better": False}
+        if nearest is not None and math.isfinite(hm["subject"]):
+            gap = hm["subject"] - nearest["subject"]
+            gain = hm["prompt"] - nearest["prompt"]
+            matched = abs(gap) <= tolerance + 1e-12
+            entry.update(
+                cfg=nearest["label"], subject_gap=gap, prompt_gain=gain,
+                recolor_prompt_gain=hm.get("prompt_recolor", float("nan")) - nearest.get("prompt_recolor", float("nan")),
+                matched=matched, better=bool(matched and gain > 0),
+            )
+        out.append(entry)
+    return out
+
+
+def _fmt(value, digits: int = 3, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def personalization_table(result: Mapping) -> str:
+    """The rows as a Markdown table."""
+    columns = (
+        ("method", "label", None), ("subject", "subject", 3), ("± sem", "subject_sem", 3), ("prompt", "prompt", 3),
+        ("background", "prompt_background", 3), ("recolour", "prompt_recolor", 3), ("hat", "prompt_accessory", 3),
+        ("class", "prompt_class", 3), ("subject · recolour prompts", "subject_recolor", 3),
+        ("prompt · recolour prompts", "prompt_recolor", 3), ("s / image", "seconds_per_image", 3),
+        ("hypernet ms / subject", "hypernet_ms_per_subject", 1),
+    )
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "|".join("---" if c[2] is None else "---:" for c in columns) + "|"]
+    for row in result["rows"]:
+        lines.append("| " + " | ".join(str(row[key]) if digits is None else _fmt(row[key], digits) for _, key, digits in columns) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(comparison: Sequence[Mapping], tolerance: float = 0.02) -> str:
+    """:func:`compare_hm_cfg`'s answer as Markdown, with a one-line verdict."""
+    if not comparison:
+        return "(no HM-CFG rows to compare)"
+    lines = [
+        f"| HM-CFG | nearest personalized CFG | Δ subject | Δ prompt | Δ prompt · recolour | within {tolerance:g} |",
+        "|---|---|---:|---:|---:|:---:|",
+    ]
+    for c in comparison:
+        lines.append(f"| {c['hm_cfg']} | {c['cfg'] or '–'} | {_fmt(c['subject_gap'], signed=True)} | {_fmt(c['prompt_gain'], signed=True)} | {_fmt(c['recolor_prompt_gain'], signed=True)} | {'yes' if c['matched'] else 'no'} |")
+    matched = [c for c in comparison if c["matched"]]
+    better = sum(c["better"] for c in matched)
+    recolor_better = sum(c["recolor_prompt_gain"] > 0 for c in matched)
+    lines.append("")
+    lines.append(
+        f"At equal subject fidelity (within {tolerance:g}): HM-CFG's prompt fidelity is above personalized CFG's in "
+        f"{better} of {len(matched)} matched HM-CFG rows ({recolor_better} of {len(matched)} on recolour prompts); "
+        f"{len(comparison) - len(matched)} of {len(comparison)} HM-CFG rows had no CFG row that close."
+    )
+    return "\n".join(lines)
+
+
+def to_json(value):
+    """Figures → JSON-safe values (NaN and infinities → null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    return value
+
+
+_PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (23, 190, 207))
+
+
+def plot_fidelity(rows: Sequence[Mapping], path, size: tuple[int, int] = (720, 540)):
+    """Subject fidelity (x) vs prompt fidelity (y), drawn with PIL and written as PNG: one line per series (the
+    floor and each personalized CFG over guidance scales; HM-CFG over ``w_pers`` at each ``w_base``), points
+    labelled by their setting, the references' subject fidelity as a dashed vertical line."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    points = [r for r in rows if r.get("kind") in ROW_KINDS and math.isfinite(r["subject"]) and math.isfinite(r["prompt"])]
+    if not points:
+        raise ConfigError("no row has finite subject and prompt fidelity to plot")
+    series: dict[str, list] = {}
+    for r in points:
+        model = f"{r.get('hypernet')}" + (f" k={r['refs']}" if r.get("refs", 1) != 1 else "")
+        if r["kind"] == "floor":
+            name, order, tag = "floor (base, CFG)", r["guidance_scale"], f"g={r['guidance_scale']:g}"
+        elif r["kind"] == "cfg":
+            name, order, tag = f"{model} CFG", r["guidance_scale"], f"g={r['guidance_scale']:g}"
+        else:
+            name, order, tag = f"{model} HM-CFG w_base={r['w_base']:g}", r["w_pers"], f"{r['w_base']:g}/{r['w_pers']:g}"
+        series.setdefault(name, []).append((order, r["subject"], r["prompt"], tag))
+    refs = [r["subject"] for r in rows if r.get("kind") == "references" and math.isfinite(r["subject"])]
+    xs = [p[1] for s in series.values() for p in s] + refs
+    ys = [p[2] for s in series.values() for p in s]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    pad_x, pad_y = max(0.02, 0.08 * (x1 - x0)), max(0.02, 0.08 * (y1 - y0))
+    x0, x1, y0, y1 = x0 - pad_x, x1 + pad_x, y0 - pad_y, y1 + pad_y
+
+    w, h = size
+    left, right, top, bottom = 60, 20, 20 + 12 * len(series), 45
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for i in range(6):  # ticks
+        tx, ty = x0 + (x1 - x0) * i / 5, y0 + (y1 - y0) * i / 5
+        gx, _ = px(tx, y0)
+        _, gy = px(x0, ty)
+        draw.line([gx, h - bottom, gx, h - bottom + 4], fill="black")
+        draw.text((gx - 12, h - bottom + 6), f"{tx:.2f}", fill="black", font=font)
+        draw.line([left - 4, gy, left, gy], fill="black")
+        draw.text((left - 34, gy - 5), f"{ty:.2f}", fill="black", font=font)
+    draw.text(((w - 120) / 2, h - 18), "subject fidelity", fill="black", font=font)
+    draw.text((w - right - 250, h - 18), "points: g = CFG scale, a/b = w_base/w_pers", fill=(120, 120, 120), font=font)
+    draw.text((4, 4), "prompt fidelity", fill="black", font=font)
+    for x in refs:
+        gx, _ = px(x, y0)
+        for y in range(top, h - bottom, 8):
+            draw.line([gx, y, gx, min(y + 4, h - bottom)], fill=(120, 120, 120))
+        draw.text((gx + 3 if gx < w - right - 70 else gx - 63, top + 2), "references", fill=(120, 120, 120), font=font)
+    for i, (name, pts) in enumerate(series.items()):
+        color = (110, 110, 110) if name.startswith("floor") else _PALETTE[i % len(_PALETTE)]
+        pts = sorted(pts)
+        coords = [px(p[1], p[2]) for p in pts]
+        if len(coords) > 1:
+            draw.line(coords, fill=color, width=2)
+        for (cx, cy), p in zip(coords, pts):
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
+            draw.text((cx + 4, cy - 11), p[3], fill=color, font=font)
+        draw.rectangle([left + 110, 4 + 12 * i + 3, left + 116, 4 + 12 * i + 9], fill=color)
+        draw.text((left + 120, 4 + 12 * i), name, fill="black", font=font)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -1,0 +1,352 @@
+"""Time vs subject fidelity: DreamBooth-LoRA fine-tuning (the ceiling baseline) against one hypernetwork pass.
+
+On M held-out DreamBench-World identities, with k reference images each (``reference_images``; k = 3 as in
+DreamBooth), DreamBooth-LoRA (:mod:`hyperbooth.finetune`, the diffusers recipe) is fine-tuned per identity and
+evaluated at increasing step counts (0, 25, 50, 100, 200, … up to ``--max-steps``). At each checkpoint it generates
+the rare-token prompts ``"a sks <class> <context>"`` for a few contexts with CFG, and measures
+
+- subject fidelity: the identity oracle's cosine to the identity's prototype (``subject_fidelity``), mean;
+- prompt fidelity: the context oracle's "every attribute the prompt named is there" (``prompt_fidelity``), nan-mean;
+- seconds: wall time of fine-tuning up to that step (setup and class images included, evaluation excluded).
+
+The hypernetwork (``--hypernet``, default the shipped e2e one) gives its point: the time of one forward pass per
+subject and its fidelities on the same prompts and seeds. Step 0 (ΔW = 0) is the base model, the floor.
+"time-to-equal-fidelity" is the DreamBooth-LoRA time at which the mean curve first reaches the hypernetwork's
+subject fidelity (linear interpolation between checkpoints), divided by the hypernetwork's time.
+
+    python benchmarks/time_vs_fidelity.py [--identities 8] [--k 3] [--max-steps 800] [--json out.json] [--plot out.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def checkpoint_steps(max_steps: int, first: int = 25) -> list[int]:
+    """``[0, first, 2·first, 4·first, …]`` below ``max_steps``, then ``max_steps``."""
+    steps, s = [0], first
+    while s < max_steps:
+        steps.append(s)
+        s *= 2
+    if max_steps > 0:
+        steps.append(max_steps)
+    return steps
+
+
+def time_to_reach(seconds: list[float], fidelity: list[float], target: float) -> float | None:
+    """The first time at which the piecewise-linear curve through ``(seconds[i], fidelity[i])`` reaches ``target``.
+
+    The first point at or above ``target`` ends the search: at point 0 its time; otherwise the time linearly
+    interpolated between it and the point before. ``None`` if no point reaches ``target``. NaN points are skipped.
+    """
+    if len(seconds) != len(fidelity):
+        raise ValueError(f"{len(seconds)} times but {len(fidelity)} fidelities")
+    prev = None
+    for s, f in zip(seconds, fidelity):
+        if math.isnan(f) or math.isnan(s):
+            continue
+        if f >= target:
+            if prev is None:
+                return float(s)
+            s0, f0 = prev
+            return float(s0 + (target - f0) / (f - f0) * (s - s0))
+        prev = (s, f)
+    return None
+
+
+def _json_safe(value):
+    """NaN → None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    return float(torch.nanmean(x.float())) if x.numel() and not torch.isnan(x).all() else float("nan")
+
+
+class Evaluator:
+    """Generates one identity's evaluation prompts with a LoRA (or none) and scores them with the oracles."""
+
+    def __init__(self, base, oracles, contexts, sample_steps: int, guidance_scale: float, seed: int):
+        self.base, self.oracles, self.contexts = base, oracles, contexts
+        self.sample_steps, self.guidance_scale, self.seed = sample_steps, guidance_scale, seed
+
+    @torch.no_grad()
+    def __call__(self, identity_seed: int, class_name: str, weights, index: int, guidance: str = "cfg") -> dict[str, float]:
+        from hyperbooth.generate import generate
+        from hyperbooth.world.contexts import RARE_TOKEN, prompt_for
+        from hyperbooth.world.evaluate import prompt_fidelity, subject_fidelity
+
+        prompts = [prompt_for(class_name, c, token=RARE_TOKEN) for c in self.contexts]
+        n = len(prompts)
+        w = None if weights is None else weights.select([0] * n)
+        images = generate(self.base, prompts, weights=w, guidance=guidance, guidance_scale=self.guidance_scale,
+                          w_base=self.guidance_scale, steps=self.sample_steps, seed=self.seed + index).cpu()
+        subject = subject_fidelity(self.oracles, images, [identity_seed] * n)
+        prompt = prompt_fidelity(self.oracles, images, [class_name] * n, list(self.contexts))["context"]
+        return {"subject_fidelity": float(subject.mean()), "prompt_fidelity": _nanmean(prompt)}
+
+
+def run_dreambooth(evaluate: Evaluator, identity_seed: int, class_name: str, refs: torch.Tensor, index: int,
+                   steps: list[int], cfg) -> list[dict]:
+    """Fine-tune on ``refs``; at each step of ``steps`` record seconds so far (evaluation excluded) and fidelities."""
+    from hyperbooth.finetune import finetune
+
+    rows = []
+    clock = {"spent": 0.0, "since": time.perf_counter()}
+    wanted = set(steps)
+
+    def callback(step, weights):
+        now = time.perf_counter()
+        clock["spent"] += now - clock["since"]  # everything since the last callback was fine-tuning
+        if step in wanted:
+            rows.append({"step": step, "seconds": clock["spent"], **evaluate(identity_seed, class_name, weights, index)})
+        clock["since"] = time.perf_counter()
+
+    finetune(evaluate.base, refs, class_name, cfg, callback=callback)
+    return rows
+
+
+@torch.no_grad()
+def hypernet_point(hypernet, evaluate: Evaluator, identities, guidance: str) -> tuple[list[float], list[dict]]:
+    """Milliseconds of one forward pass per subject (after one warm-up pass) and its fidelities per identity."""
+    hypernet(identities[0][2][None])  # warm-up
+    ms, scores = [], []
+    for index, (seed, class_name, refs) in enumerate(identities):
+        t0 = time.perf_counter()
+        weights = hypernet(refs[None])  # (1, k, 3, H, W) → N = 1
+        ms.append((time.perf_counter() - t0) * 1e3)
+        scores.append(evaluate(seed, class_name, weights, index, guidance=guidance))
+    return ms, scores
+
+
+def summarize(per_identity: list[list[dict]], steps: list[int]) -> list[dict]:
+    """The mean curve over identities: per step, mean seconds, subject fidelity and (nan-mean) prompt fidelity."""
+    curve = []
+    for step in steps:
+        rows = [r for rows in per_identity for r in rows if r["step"] == step]
+        prompt = [r["prompt_fidelity"] for r in rows if not math.isnan(r["prompt_fidelity"])]
+        curve.append({
+            "step": step,
+            "seconds": statistics.fmean(r["seconds"] for r in rows),
+            "subject_fidelity": statistics.fmean(r["subject_fidelity"] for r in rows),
+            "prompt_fidelity": statistics.fmean(prompt) if prompt else float("nan"),
+        })
+    return curve
+
+
+# -- plot (PIL only) -------------------------------------------------------------------------------------------
+
+
+def plot(path: Path, curve: list[dict], hyper: dict | None, floor: float) -> None:
+    """Seconds (log x) vs subject fidelity: the DreamBooth-LoRA curve, the hypernetwork's point, the base floor."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from hyperbooth.files import atomic_write
+
+    W, H, left, right, top, bottom = 720, 460, 70, 30, 40, 60
+    im = Image.new("RGB", (W, H), "white")
+    draw = ImageDraw.Draw(im)
+    font = ImageFont.load_default()
+    points = [(c["seconds"], c["subject_fidelity"], c["step"]) for c in curve if c["seconds"] > 0 and not math.isnan(c["subject_fidelity"])]
+    xs = [p[0] for p in points] + ([hyper["seconds"]] if hyper else [])
+    ys = [p[1] for p in points] + ([hyper["subject_fidelity"]] if hyper else []) + ([floor] if not math.isnan(floor) else [])
+    if not xs or not ys:
+        xs, ys = xs or [1.0], ys or [0.0]
+    lo, hi = math.floor(math.log10(min(xs))), math.ceil(math.log10(max(xs)))
+    hi = max(hi, lo + 1)
+    y_lo, y_hi = min(ys), max(ys)
+    pad = max(0.05, 0.1 * (y_hi - y_lo))
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+
+    def px(s: float, f: float) -> tuple[float, float]:
+        x = left + (math.log10(s) - lo) / (hi - lo) * (W - left - right)
+        y = top + (y_hi - f) / (y_hi - y_lo) * (H - top - bottom)
+        return x, y
+
+    # axes, decade ticks, y ticks
+    draw.rectangle([left, top, W - right, H - bottom], outline="black")
+    for e in range(lo, hi + 1):
+        x, _ = px(10.0**e, y_lo)
+        draw.line([x, top, x, H - bottom], fill=(225, 225, 225))
+        label = f"{10.0**e:g}"
+        draw.text((x - 3 * len(label), H - bottom + 6), label, fill="black", font=font)
+    for i in range(6):
+        f = y_lo + i * (y_hi - y_lo) / 5
+        _, y = px(10.0**lo, f)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((8, y - 6), f"{f:.2f}", fill="black", font=font)
+    draw.text((W // 2 - 80, H - 25), "seconds per subject (log scale)", fill="black", font=font)
+    draw.text((left, 12), "subject fidelity vs time: DreamBooth-LoRA fine-tuning vs one hypernetwork pass", fill="black", font=font)
+
+    if not math.isnan(floor):  # base model (step 0) as a dashed line
+        _, y = px(10.0**lo, floor)
+        for x in range(left, W - right, 12):
+            draw.line([x, y, min(x + 6, W - right), y], fill=(120, 120, 120))
+        draw.text((left + 6, y + 3), "base model (no personalization)", fill=(90, 90, 90), font=font)
+    coords = [px(s, f) for s, f, _ in points]
+    if len(coords) > 1:
+        draw.line(coords, fill=(30, 90, 200), width=2)
+    for (x, y), (_, _, step) in zip(coords, points):
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 90, 200))
+        draw.text((x + 4, y - 14), str(step), fill=(30, 90, 200), font=font)
+    if coords:
+        draw.text((coords[-1][0] - 110, coords[-1][1] + 6), "DreamBooth-LoRA (steps)", fill=(30, 90, 200), font=font)
+    if hyper:
+        x, y = px(hyper["seconds"], hyper["subject_fidelity"])
+        draw.polygon([(x, y - 6), (x + 6, y), (x, y + 6), (x - 6, y)], fill=(210, 40, 40))
+        draw.text((x + 8, y - 6), "hypernetwork", fill=(210, 40, 40), font=font)
+    atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+# -- main ------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped world model)")
+    parser.add_argument("--oracles", type=Path, default=None, help="oracle folder (default: the shipped oracles)")
+    parser.add_argument("--hypernet", type=Path, default=None, help="hypernetwork folder (default: the shipped e2e one)")
+    parser.add_argument("--no-hypernet", action="store_true", help="only the DreamBooth-LoRA curve")
+    parser.add_argument("--identities", type=int, default=8, help="held-out (test split) identities")
+    parser.add_argument("--k", type=int, default=3, help="reference images per identity")
+    parser.add_argument("--max-steps", type=int, default=800)
+    parser.add_argument("--checkpoints", type=int, nargs="+", default=None, help="steps to evaluate (default 0, 25, 50, 100, …, max)")
+    parser.add_argument("--contexts", nargs="+", default=["snow", "beach", "wooden_floor", "red", "red_hat"], help="context names (Context.parse)")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--prior-preservation", action="store_true")
+    parser.add_argument("--num-class-images", type=int, default=100)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--hypernet-guidance", choices=("cfg", "hm-cfg"), default="cfg", help="CFG keeps the sampling identical to DreamBooth-LoRA's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here ('-' for stdout)")
+    parser.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG here")
+    args = parser.parse_args(argv)
+
+    from hyperbooth.errors import ConfigError
+    from hyperbooth.files import atomic_write
+    from hyperbooth.finetune import FinetuneConfig
+    from hyperbooth.world.base_model import WorldBaseModel
+    from hyperbooth.world.contexts import Context
+    from hyperbooth.world.evaluate import reference_images
+    from hyperbooth.world.identity import make_identity
+    from hyperbooth.world.oracles import Oracles
+    from hyperbooth.world.splits import identity_seeds
+
+    if args.identities < 1 or args.k < 1 or args.max_steps < 0:
+        raise ConfigError("--identities and --k must be at least 1 and --max-steps at least 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = sorted(set(args.checkpoints)) if args.checkpoints else checkpoint_steps(args.max_steps)
+    if steps[0] < 0:
+        raise ConfigError(f"--checkpoints must be >= 0, got {steps[0]}")
+    max_steps = max(steps)
+    contexts = [Context.parse(c) for c in args.contexts]
+    command = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+               "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    print(f"machine: {machine['platform']}, {machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']} "
+          f"with {machine['torch_threads']} threads")
+    print(f"command: {command}")
+
+    base = WorldBaseModel.from_pretrained(args.model)
+    oracles = Oracles.load(args.oracles)
+    evaluate = Evaluator(base, oracles, contexts, args.sample_steps, args.guidance_scale, args.seed)
+    identities = []
+    for seed in identity_seeds("test", args.identities):
+        identities.append((seed, make_identity(seed).class_name, reference_images(seed, args.k, seed=args.seed, resolution=base.resolution)))
+
+    cfg = FinetuneConfig(steps=max(max_steps, 1), rank=args.rank, lr=args.lr, prior_preservation=args.prior_preservation,
+                         num_class_images=args.num_class_images, seed=args.seed)
+    per_identity = []
+    for index, (seed, class_name, refs) in enumerate(identities):
+        t0 = time.perf_counter()
+        rows = run_dreambooth(evaluate, seed, class_name, refs, index, steps, cfg)
+        per_identity.append(rows)
+        print(f"identity {seed} ({class_name}): {rows[-1]['subject_fidelity']:.3f} at step {rows[-1]['step']} "
+              f"after {rows[-1]['seconds']:.1f} s of fine-tuning ({time.perf_counter() - t0:.0f} s with evaluation)", flush=True)
+    curve = summarize(per_identity, steps)
+    floor = curve[0]["subject_fidelity"] if curve[0]["step"] == 0 else float("nan")
+
+    hyper = None
+    if not args.no_hypernet:
+        from hyperbooth.methods.e2e import E2EHyperNetwork
+        from hyperbooth.personalize import SHIPPED_HYPERNET
+
+        hypernet = E2EHyperNetwork.from_pretrained(args.hypernet or SHIPPED_HYPERNET)
+        ms, scores = hypernet_point(hypernet, evaluate, identities, args.hypernet_guidance)
+        prompt = [s["prompt_fidelity"] for s in scores if not math.isnan(s["prompt_fidelity"])]
+        hyper = {"ms_per_subject": statistics.fmean(ms), "seconds": statistics.fmean(ms) / 1e3,
+                 "subject_fidelity": statistics.fmean(s["subject_fidelity"] for s in scores),
+                 "prompt_fidelity": statistics.fmean(prompt) if prompt else float("nan"),
+                 "guidance": args.hypernet_guidance, "per_identity": scores}
+
+    print()
+    print(f"DreamBooth-LoRA (rank {args.rank}, lr {args.lr:g}, {'prior preservation' if args.prior_preservation else 'no prior'}), "
+          f"{len(identities)} identities, k={args.k}, {len(contexts)} prompts each, CFG {args.guidance_scale:g}, {args.sample_steps} sampling steps")
+    print(f"{'steps':>7} {'seconds':>9} {'subject fid.':>13} {'prompt fid.':>12}")
+    for c in curve:
+        print(f"{c['step']:>7} {c['seconds']:>9.2f} {c['subject_fidelity']:>13.3f} {c['prompt_fidelity']:>12.3f}")
+    ratio = reached = None
+    if hyper is not None:
+        print(f"{'hypernet':>7} {hyper['seconds']:>9.4f} {hyper['subject_fidelity']:>13.3f} {hyper['prompt_fidelity']:>12.3f}"
+              f"   ({hyper['ms_per_subject']:.1f} ms per subject, {hyper['guidance']})")
+        reached = time_to_reach([c["seconds"] for c in curve], [c["subject_fidelity"] for c in curve], hyper["subject_fidelity"])
+        if reached is None:
+            print(f"time-to-equal-fidelity: not reached within {curve[-1]['seconds']:.1f} s ({max_steps} steps); "
+                  f"ratio > {curve[-1]['seconds'] / hyper['seconds']:.0f}x")
+        else:
+            ratio = reached / hyper["seconds"]
+            print(f"time-to-equal-fidelity: DreamBooth-LoRA reaches the hypernetwork's subject fidelity after {reached:.2f} s, "
+                  f"{ratio:.0f}x the hypernetwork's {hyper['ms_per_subject']:.1f} ms")
+
+    result = {
+        "machine": machine, "command": command,
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "checkpoints": steps},
+        "identities": [seed for seed, _, _ in identities],
+        "dreambooth_lora": {"curve": curve, "per_identity": per_identity},
+        "base_floor_subject_fidelity": floor,
+        "hypernet": hyper,
+        "time_to_equal_fidelity_s": reached,
+        "time_to_equal_fidelity_ratio": ratio,
+        "reached": reached is not None,
+    }
+    if args.json is not None:
+        text = json.dumps(_json_safe(result), indent=2)
+        if str(args.json) == "-":
+            print(text)
+        else:
+            atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+            print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot(args.plot, curve, hyper, floor)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    from hyperbooth.errors import HyperboothError
+
+    try:
+        sys.exit(main())
+    except HyperboothError as e:
+        print(f"time_vs_fidelity: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,322 @@
+"""The DreamBench protocol (Ruiz et al. 2023): for every subject and every prompt of its kind (object or live),
+``images_per_prompt`` images with fixed seeds from a method, each scored by every metric.
+
+    cfg = load_config(EvalConfig, "configs/eval_world.yaml", ["images_per_prompt=2"])
+    results = run_eval(cfg, json_path="eval.json", report_path="eval.html")
+
+Image ``k`` of every (subject, prompt) uses seed ``seed + k``, for every method: methods are compared on the same
+initial noise. Results are written to the JSON after every subject; a generation or metric that fails is recorded
+under ``failed`` / ``failures`` and the run goes on (``status: "partial"``), so a long run keeps what it measured.
+Bad input (a config value, a subject folder, a checkpoint) fails before anything is generated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import hyperbooth
+from hyperbooth.config import to_dict
+from hyperbooth.errors import ConfigError
+from hyperbooth.evaluation.backends import DTYPES, Backend, DiffusersBackend, Guidance, WorldBackend
+from hyperbooth.evaluation.methods import METHODS, Method, build_method
+from hyperbooth.evaluation.metrics import METRICS, Metric, build_metrics
+from hyperbooth.generate import GUIDANCE
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("world", "diffusers")
+
+
+@dataclass
+class BackendConfig:
+    kind: str = "world"  # "world" (the embedded DreamBench-World) or "diffusers" (a StableDiffusionPipeline folder)
+    model: str | None = None  # world: base-model folder (None: the shipped one); diffusers: the pipeline folder
+    device: str = "cpu"  # "auto", "cpu", "cuda", ...
+    dtype: str = "float32"  # diffusers: float32 | float16 | bfloat16
+    steps: int = 25
+    scheduler: str = "ddim"  # hyperbooth.sampling names; "" keeps a pipeline's own
+    resolution: int = 0  # diffusers: 0 = the pipeline's default (512 for SD 1.5)
+    batch_size: int = 4  # diffusers: images per pipeline call
+
+    def validate(self) -> None:
+        if self.kind not in BACKENDS:
+            raise ConfigError(f"backend.kind={self.kind!r} is not one of {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"backend.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for key in ("steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"backend.{key}={getattr(self, key)} must be at least 1")
+        if self.resolution < 0 or self.resolution % 8:
+            raise ConfigError(f"backend.resolution={self.resolution} must be 0 or a positive multiple of 8")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "../shared/dreambench/dataset"  # diffusers: DreamBench layout, one folder of photos per subject
+    prompts_file: str | None = None  # default <dataset>/prompts_and_classes.txt; world: optional (the prompts it can show)
+    subjects: tuple[str, ...] = ()  # diffusers: subject names to evaluate (empty: all in the class table)
+    reference_size: int = 512  # diffusers: photos are centre-cropped and resized to this
+    world_subjects: int = 8  # world: the first N held-out (test split) identities
+    world_references: int = 3  # world: reference renders per identity
+    max_prompts: int = 0  # the first N prompts of each kind (0: all)
+
+    def validate(self) -> None:
+        for key in ("reference_size", "world_subjects", "world_references"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be at least 1")
+        if self.max_prompts < 0:
+            raise ConfigError(f"data.max_prompts={self.max_prompts} must be 0 (all) or positive")
+
+
+@dataclass
+class MethodConfig:
+    kind: str = "base"  # base (the floor) | hypernet (an e2e folder) | lora_folder (<subject>.safetensors each)
+    path: str | None = None
+    token: str = "sks"  # the unique token of personalized prompts
+    guidance: str = "cfg"  # cfg | hm-cfg (world backend only)
+    guidance_scale: float = 3.0
+    w_base: float = 3.0
+    w_pers: float = 1.0
+    lora_scale: float = 1.0
+
+    def validate(self) -> None:
+        if self.kind not in METHODS:
+            raise ConfigError(f"method.kind={self.kind!r} is not one of {', '.join(METHODS)}")
+        if self.kind != "base" and not self.path:
+            raise ConfigError(f"method.kind={self.kind!r} needs method.path (a {'hypernetwork folder' if self.kind == 'hypernet' else 'folder of <subject>.safetensors'})")
+        if self.guidance not in GUIDANCE:
+            raise ConfigError(f"method.guidance={self.guidance!r} is not one of {', '.join(GUIDANCE)}")
+        if not self.token.strip():
+            raise ConfigError("method.token must not be empty")
+
+
+@dataclass
+class MetricsConfig:
+    use: tuple[str, ...] = ("oracle_subject", "oracle_prompt")
+    dino: str | None = None  # a transformers vision checkpoint folder (DINO ViT-S/16: facebook/dino-vits16)
+    clip: str | None = None  # a transformers CLIPModel folder with its tokenizer and image processor
+    oracles: str | None = None  # the world's oracle folder (None: the shipped one)
+    face_upsample: int = 1  # dlib HOG detector upsampling (finds smaller faces, slower)
+    device: str = "cpu"
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        if not self.use:
+            raise ConfigError("metrics.use is empty; name at least one of " + ", ".join(METRICS))
+        for name in self.use:
+            if name not in METRICS:
+                raise ConfigError(f"metrics.use has unknown metric {name!r}; choose from {', '.join(METRICS)}")
+        if len(set(self.use)) != len(self.use):
+            raise ConfigError(f"metrics.use names a metric twice: {list(self.use)}")
+        if self.face_upsample < 0 or self.batch_size < 1:
+            raise ConfigError("metrics.face_upsample must be ≥ 0 and metrics.batch_size ≥ 1")
+
+
+@dataclass
+class ReportConfig:
+    embed_images: bool = True  # HTML: images inline as base64 PNG (one file); false: PNGs in <report>_images/ beside it
+    thumbnail: int = 256  # longest side of the images in the report (smaller ones are shown enlarged)
+
+    def validate(self) -> None:
+        if self.thumbnail < 8:
+            raise ConfigError(f"report.thumbnail={self.thumbnail} must be at least 8")
+
+
+@dataclass
+class EvalConfig:
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    images_per_prompt: int = 4
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.images_per_prompt < 1:
+            raise ConfigError(f"images_per_prompt={self.images_per_prompt} must be at least 1")
+        if self.backend.kind == "diffusers":
+            if self.method.guidance != "cfg":
+                raise ConfigError(f"method.guidance={self.method.guidance!r} needs backend.kind=world; the diffusers backend samples with CFG")
+            oracle = [m for m in self.metrics.use if m.startswith("oracle_")]
+            if oracle:
+                raise ConfigError(f"metrics.use has {', '.join(oracle)}: the world's oracles judge DreamBench-World images only (backend.kind=world)")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + k for k in range(self.images_per_prompt)]
+
+
+# -- building the parts -----------------------------------------------------------------------------------------
+
+
+def build_backend(cfg: EvalConfig) -> Backend:
+    b, d = cfg.backend, cfg.data
+    if b.kind == "world":
+        return WorldBackend(b.model, b.device, b.steps, b.scheduler, d.world_subjects, d.world_references, d.prompts_file, cfg.seed)
+    return DiffusersBackend(b.model, d.dataset, d.prompts_file, d.subjects, d.reference_size, b.device, b.dtype, b.steps, b.scheduler, b.resolution, b.batch_size)
+
+
+def guidance_of(cfg: MethodConfig) -> Guidance:
+    return Guidance(cfg.guidance, cfg.guidance_scale, cfg.w_base, cfg.w_pers, cfg.lora_scale)
+
+
+def _metrics(cfg: EvalConfig) -> list[Metric]:
+    m = cfg.metrics
+    from hyperbooth.evaluation.backends import resolve_device
+
+    return build_metrics(m.use, dino=m.dino, clip=m.clip, oracles=m.oracles, face_upsample=m.face_upsample, device=str(resolve_device(m.device)), batch_size=m.batch_size)
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def summarize(values: list[float | None]) -> dict:
+    """Mean over the images that have a score; how many do not."""
+    ok = _finite(values)
+    mean = sum(ok) / len(ok) if ok else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in ok) / len(ok)) if ok else None
+    return {"mean": mean, "std": std, "n": len(ok), "undefined": len(values) - len(ok)}
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+class Gallery:
+    """Report thumbnails (PNG bytes) per subject: its references and the images of each prompt."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.subjects: dict[str, dict] = {}
+
+    def png(self, image: torch.Tensor) -> bytes:
+        import io
+
+        from PIL import Image
+
+        from hyperbooth.evaluation.metrics import to_pil
+
+        pil = to_pil(image[None])[0]
+        if max(pil.size) > self.size:
+            pil.thumbnail((self.size, self.size), Image.LANCZOS)
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def add_references(self, subject: str, images: torch.Tensor) -> None:
+        self.subjects.setdefault(subject, {"references": [], "prompts": {}})["references"] = [self.png(x) for x in images]
+
+    def add(self, subject: str, prompt: str, images: torch.Tensor) -> None:
+        self.subjects.setdefault(subject, {"references": [], "prompts": {}})["prompts"][prompt] = [self.png(x) for x in images]
+
+
+def run_eval(cfg: EvalConfig, json_path: str | Path, report_path: str | Path | None = None,
+             backend: Backend | None = None, method: Method | None = None, metrics: list[Metric] | None = None) -> dict:
+    """Run the protocol; write the JSON (after every subject) and, with ``report_path``, the HTML report.
+
+    ``backend`` / ``method`` / ``metrics`` replace the ones the config names (to evaluate a method of your own).
+    """
+    from hyperbooth.evaluation.report import write_html, write_json
+
+    json_path = Path(json_path)
+    for p in (json_path, report_path):
+        if p is not None and not Path(p).parent.is_dir():
+            raise ConfigError(f"output folder {str(Path(p).parent)!r} does not exist")
+    t_start = time.perf_counter()
+    metrics = metrics if metrics is not None else _metrics(cfg)  # a missing checkpoint fails here, before sampling
+    backend = backend or build_backend(cfg)
+    subjects = backend.subjects()  # bad subject folders fail here
+    method = method or build_method(cfg.method.kind, backend, cfg.method.path, guidance_of(cfg.method), cfg.method.token)
+    seeds = cfg.seeds
+    results: dict = {
+        "hyperbooth_version": hyperbooth.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": "running",
+        "config": to_dict(cfg),
+        "backend": {"kind": backend.name, "description": backend.describe()},
+        "method": {"kind": method.name, "description": method.describe()},
+        "metrics": {m.name: {"description": m.describe(), "compares_with": m.target, "null_means": m.undefined} for m in metrics},
+        "protocol": {"images_per_prompt": cfg.images_per_prompt, "seeds": seeds,
+                     "note": "image k of every (subject, prompt) uses seed seeds[k]; scores are per image, null where a metric is undefined"},
+        "subjects": {},
+        "summary": {},
+        "failures": [],
+    }
+    gallery = Gallery(cfg.report.thumbnail) if report_path is not None else None
+    per_metric_all: dict[str, list] = {m.name: [] for m in metrics}
+
+    for si, subject in enumerate(subjects):
+        log.info("subject %d/%d: %s (%s, %s)", si + 1, len(subjects), subject.name, subject.class_name, subject.kind)
+        entry: dict = {
+            "class": subject.class_name, "kind": subject.kind, "reference_count": int(subject.images.shape[0]), "references": list(subject.files),
+            "skipped_files": list(subject.skipped), "identity_seed": subject.identity_seed,
+            "personalize_seconds": None, "failed": None, "prompts": {}, "summary": {},
+        }
+        results["subjects"][subject.name] = entry
+        if gallery is not None:
+            gallery.add_references(subject.name, subject.images)
+        prompts = backend.prompts(subject.kind)
+        if cfg.data.max_prompts:
+            prompts = prompts[: cfg.data.max_prompts]
+        try:
+            entry["personalize_seconds"] = method.personalize(subject)
+        except Exception as e:  # recorded, the run goes on with the next subject
+            entry["failed"] = {"personalize": _error(e)}
+            results["failures"].append({"subject": subject.name, "prompt": None, "stage": "personalize", "error": _error(e)})
+            log.error("%s: personalization failed: %s", subject.name, _error(e))
+            write_json(results, json_path)
+            continue
+        subject_scores: dict[str, list] = {m.name: [] for m in metrics}
+        for prompt in prompts:
+            text = method.prompt_text(subject, prompt)
+            clean = prompt.class_prompt(subject.class_name)
+            record: dict = {"template": prompt.template, "metric_prompt": clean, "seconds": None, "scores": {}, "summary": {}, "failed": {}}
+            entry["prompts"][text] = record
+            t0 = time.perf_counter()
+            try:
+                images = method.generate(subject, prompt, seeds)
+                if images.shape[0] != len(seeds):
+                    raise RuntimeError(f"method {method.name!r} returned {images.shape[0]} images for {len(seeds)} seeds")
+            except Exception as e:
+                record["failed"]["generate"] = _error(e)
+                results["failures"].append({"subject": subject.name, "prompt": text, "stage": "generate", "error": _error(e)})
+                log.error("%s / %r: generation failed: %s", subject.name, text, _error(e))
+                continue
+            record["seconds"] = time.perf_counter() - t0
+            if gallery is not None:
+                gallery.add(subject.name, text, images)
+            for metric in metrics:
+                try:
+                    target = subject if metric.target == "references" else [clean] * images.shape[0]
+                    scores = [float(v) for v in metric(images, target)]
+                except Exception as e:
+                    record["failed"][metric.name] = _error(e)
+                    results["failures"].append({"subject": subject.name, "prompt": text, "stage": metric.name, "error": _error(e)})
+                    log.error("%s / %r: metric %s failed: %s", subject.name, text, metric.name, _error(e))
+                    continue
+                clean_scores = [v if math.isfinite(v) else None for v in scores]
+                record["scores"][metric.name] = clean_scores
+                record["summary"][metric.name] = summarize(clean_scores)
+                subject_scores[metric.name].extend(clean_scores)
+                per_metric_all[metric.name].extend(clean_scores)
+        entry["summary"] = {name: summarize(v) for name, v in subject_scores.items()}
+        write_json(results, json_path)
+
+    results["summary"] = {name: summarize(v) for name, v in per_metric_all.items()}
+    results["status"] = "partial" if results["failures"] else "complete"
+    results["seconds"] = time.perf_counter() - t_start
+    write_json(results, json_path)
+    if report_path is not None:
+        write_html(results, gallery, Path(report_path), embed=cfg.report.embed_images)
+    return results

@@ -1,0 +1,140 @@
+import json
+
+import pytest
+import torch
+
+from hyperbooth.cli import main
+from hyperbooth.config import load_config
+from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.evaluation.protocol import EvalConfig, run_eval
+from tests.evaluation.conftest import needs_dreambench
+
+WORLD = "configs/eval_world.yaml"
+SD15 = "configs/eval_dreambench_sd15.yaml"
+
+
+def _world_overrides(model, oracles, *more):
+    return [f"backend.model={model}", f"metrics.oracles={oracles}", "backend.steps=2", "data.world_subjects=1", "data.world_references=2",
+            "data.max_prompts=1", "images_per_prompt=2", *more]
+
+
+def test_world_eval_end_to_end_writes_json_and_report(tiny_world_model, random_oracles, tmp_path, capsys):
+    out, report = tmp_path / "eval.json", tmp_path / "eval.html"
+    code = main(["eval", "--config", WORLD, "--json", str(out), "--report", str(report), *_world_overrides(tiny_world_model, random_oracles)])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert results["status"] == "complete" and results["failures"] == []
+    assert results["method"]["kind"] == "base" and results["protocol"]["seeds"] == [0, 1]
+    (name, subject), = results["subjects"].items()
+    assert name.startswith("world-") and subject["identity_seed"] == int(name.split("-")[1]) and subject["reference_count"] == 2
+    (prompt, record), = subject["prompts"].items()
+    assert prompt == f"a {subject['class']} in the snow"  # the floor samples the class prompt (the world's first)
+    assert set(record["scores"]) == {"oracle_subject", "oracle_prompt"}
+    assert len(record["scores"]["oracle_subject"]) == 2 and all(-1 <= v <= 1 for v in record["scores"]["oracle_subject"])
+    assert all(v in (0.0, 1.0) for v in record["scores"]["oracle_prompt"])
+    assert results["summary"]["oracle_subject"]["n"] == 2
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") == 2 + 2  # references + generations, embedded
+    assert "oracle_subject" in page and prompt in page
+    printed = capsys.readouterr().out
+    assert "| subject | class | oracle_subject | oracle_prompt | failed |" in printed and name in printed
+
+
+def test_world_seeds_are_fixed_per_image(tiny_world_model, random_oracles, tmp_path):
+    from hyperbooth.evaluation.backends import WorldBackend
+
+    backend = WorldBackend(str(tiny_world_model), steps=2, num_subjects=1)
+    both = backend.generate(["a toy in the snow", "a toy in the snow"], [3, 4])
+    alone = backend.generate(["a toy in the snow"], [4])
+    assert torch.allclose(both[1:], alone, atol=1e-5) and not torch.allclose(both[0], both[1])
+
+
+def test_world_hypernet_and_lora_folder_methods(tiny_world_model, random_oracles, tmp_path):
+    from hyperbooth.lora import LoRAWeights, save_lora, target_shapes
+    from hyperbooth.methods.e2e import E2EConfig, E2EHyperNetwork
+    from hyperbooth.world.base_model import WorldBaseModel
+
+    unet = WorldBaseModel.from_pretrained(tiny_world_model).unet
+    shapes = target_shapes(unet)
+    torch.manual_seed(0)
+    hypernet = E2EHyperNetwork(E2EConfig(d_model=32, layers=1, heads=2, encoder_dim=16), shapes).save_pretrained(tmp_path / "hyper")
+    cfg = load_config(EvalConfig, WORLD, _world_overrides(tiny_world_model, random_oracles, "method.kind=hypernet", f"method.path={hypernet}", "method.guidance=hm-cfg"))
+    results = run_eval(cfg, tmp_path / "hyper.json")
+    (subject,) = results["subjects"].values()
+    assert results["status"] == "complete" and list(subject["prompts"])[0].startswith("a sks ")
+    assert subject["personalize_seconds"] is not None
+
+    # a LoRA folder where the one subject has no file: marked as failed, the JSON kept, exit code 1
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    cfg = load_config(EvalConfig, WORLD, _world_overrides(tiny_world_model, random_oracles, "method.kind=lora_folder", f"method.path={loras}"))
+    results = run_eval(cfg, tmp_path / "missing.json")
+    assert results["status"] == "partial" and results["failures"][0]["stage"] == "personalize"
+    assert "no LoRA file for subject" in results["failures"][0]["error"]
+    assert json.loads((tmp_path / "missing.json").read_text())["status"] == "partial"
+
+    name = next(iter(results["subjects"]))
+    save_lora(loras / f"{name}.safetensors", LoRAWeights.random(shapes, rank=2, std=0.05, generator=torch.Generator().manual_seed(0)), "kohya", models={"unet": unet})
+    assert main(["eval", "--config", WORLD, "--json", str(tmp_path / "lora.json"),
+                 *_world_overrides(tiny_world_model, random_oracles, "method.kind=lora_folder", f"method.path={loras}", "metrics.use=[oracle_prompt]")]) == 0
+
+
+def _sd_overrides(pipe, dataset, *more):
+    return [f"backend.model={pipe}", "backend.device=cpu", "backend.dtype=float32", "backend.steps=2", "backend.resolution=0",
+            f"data.dataset={dataset}", "data.subjects=[backpack]", "data.reference_size=32", "data.max_prompts=1", "metrics.device=cpu",
+            "images_per_prompt=2", *more]
+
+
+@needs_dreambench
+def test_diffusers_eval_end_to_end(tiny_sd, dreambench_one, tiny_dino, tiny_clip, tmp_path):
+    if "vit" in tiny_dino.name:
+        pytest.skip("one DINO checkpoint kind is enough here")
+    out, report = tmp_path / "sd.json", tmp_path / "sd.html"
+    code = main(["eval", "--config", SD15, "--json", str(out), "--report", str(report),
+                 *_sd_overrides(tiny_sd, dreambench_one, f"metrics.dino={tiny_dino}", f"metrics.clip={tiny_clip}", "report.embed_images=false", "report.thumbnail=16")])
+    assert code == 0
+    results = json.loads(out.read_text())
+    record = results["subjects"]["backpack"]["prompts"]["a backpack in the jungle"]
+    assert set(record["scores"]) == {"dino", "clip_i", "clip_t"} and all(len(v) == 2 for v in record["scores"].values())
+    assert record["metric_prompt"] == "a backpack in the jungle"
+    assert results["subjects"]["backpack"]["references"][0].endswith("00.jpg")
+    page = report.read_text()
+    images = sorted(p.name for p in (tmp_path / "sd_images" / "backpack").iterdir())
+    assert images == ["p00_0.png", "p00_1.png", "ref_0.png", "ref_1.png"] and "sd_images/backpack/p00_0.png" in page
+
+    # the same seeds give the same images: a second run scores identically
+    again = tmp_path / "again.json"
+    assert main(["eval", "--config", SD15, "--json", str(again), *_sd_overrides(tiny_sd, dreambench_one, "metrics.use=[clip_i]", f"metrics.clip={tiny_clip}")]) == 0
+    again_scores = json.loads(again.read_text())["subjects"]["backpack"]["prompts"]["a backpack in the jungle"]["scores"]["clip_i"]
+    assert again_scores == pytest.approx(record["scores"]["clip_i"], abs=1e-5)
+
+
+def test_bad_inputs_fail_before_sampling_with_named_errors(tiny_world_model, random_oracles, tiny_sd, tmp_path, capsys):
+    # a missing metric checkpoint: exit 2, the path named
+    code = main(["eval", "--config", WORLD, "--json", str(tmp_path / "x.json"),
+                 *_world_overrides(tiny_world_model, random_oracles, "metrics.use=[dino]", f"metrics.dino={tmp_path / 'missing_dino'}")])
+    assert code == 2 and "missing_dino" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+    # a prompts file of another layout
+    bad = tmp_path / "prompts.txt"
+    bad.write_text("a sks dog in the snow\n")
+    assert main(["eval", "--config", WORLD, "--json", str(tmp_path / "x.json"), *_world_overrides(tiny_world_model, random_oracles, f"data.prompts_file={bad}")]) == 2
+    assert "prompts.txt" in capsys.readouterr().err
+    # an empty subject folder
+    dataset = tmp_path / "dataset"
+    (dataset / "dog").mkdir(parents=True)
+    (dataset / "prompts_and_classes.txt").write_text(
+        "Classes\nsubject_name,class\ndog,dog\nObject Prompts\nprompt_list = [\n'a {0} {1} x'.format(unique_token, class_token),\n]\n"
+        "Live Subject Prompts\nprompt_list = [\n'a {0} {1} y'.format(unique_token, class_token),\n]\n")
+    assert main(["eval", "--config", SD15, "--json", str(tmp_path / "x.json"), f"backend.model={tiny_sd}", "backend.device=cpu", "backend.dtype=float32",
+                 f"data.dataset={dataset}", "metrics.use=[face]"]) == 2
+    assert "dog holds no images" in capsys.readouterr().err
+    # config values are named
+    with pytest.raises(ConfigError, match="metrics.use has unknown metric 'fid'"):
+        load_config(EvalConfig, WORLD, ["metrics.use=[fid]"])
+    with pytest.raises(ConfigError, match="oracle_subject"):
+        load_config(EvalConfig, SD15, ["metrics.use=[oracle_subject]"])
+    with pytest.raises(ConfigError, match="method.path"):
+        load_config(EvalConfig, WORLD, ["method.kind=hypernet"])
+    with pytest.raises(CheckpointError, match="no_pipe"):
+        run_eval(load_config(EvalConfig, SD15, [f"backend.model={tmp_path / 'no_pipe'}", "metrics.use=[face]"]), tmp_path / "x.json")

@@ -1,0 +1,225 @@
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from hyperbooth.cli import main
+from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.lora import target_shapes
+from hyperbooth.methods.e2e import E2EConfig, E2EHyperNetwork
+from hyperbooth.world import contexts as ctx
+from hyperbooth.world import evaluate as ev
+from hyperbooth.world.base_model import WorldBaseModel
+from hyperbooth.world.oracles import ContextClassifier, IdentityEncoder, OracleTrainConfig, Oracles, save_oracles
+from hyperbooth.world.splits import identity_seeds
+
+
+@pytest.fixture(scope="module")
+def base(tiny_world_model):
+    return WorldBaseModel.from_pretrained(tiny_world_model)
+
+
+@pytest.fixture(scope="module")
+def hypernet_dir(base, tmp_path_factory):
+    """A tiny e2e hypernetwork whose LoRA is not zero (head_B starts at zero; give it weights)."""
+    torch.manual_seed(0)
+    hypernet = E2EHyperNetwork(E2EConfig(d_model=32, layers=1, heads=2), target_shapes(base.unet))
+    for head in hypernet.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.2)
+    return hypernet.save_pretrained(tmp_path_factory.mktemp("hypernet") / "hypernet")
+
+
+@pytest.fixture(scope="module")
+def oracles_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("oracles")
+    return save_oracles(folder, IdentityEncoder(), ContextClassifier(), OracleTrainConfig(), {})
+
+
+@pytest.fixture(scope="module")
+def oracles(oracles_dir):
+    return Oracles.load(oracles_dir)
+
+
+def test_items_cover_every_context_type_deterministically():
+    seeds = list(identity_seeds("test", 4))
+    items = ev.personalization_items(seeds, 6)
+    assert items == ev.personalization_items(seeds, 6) and len(items) == 24
+    assert {it.context.background for it in items} == {None, *ctx.BACKGROUNDS}
+    assert {it.context.recolor for it in items} == {None, *ctx.RECOLOR_WORDS}
+    assert {it.context.accessory for it in items} == {None, *ctx.ACCESSORY_PHRASES}
+    for i, seed in enumerate(seeds):
+        own = items[6 * i : 6 * i + 6]
+        assert {it.identity_seed for it in own} == {seed} and {it.subject for it in own} == {i}
+        assert {t for it in own for t in it.types} == set(ev.CONTEXT_TYPES)
+        assert {it.context.recolor for it in own} == {None, "red", "purple"}  # each identity shown red and purple
+        assert any(len(it.types) > 1 for it in own)  # combos
+    it = items[4]  # recolour + background
+    assert it.prompt("sks").startswith(f"a {it.context.recolor} sks {it.class_name}") and "sks" not in it.prompt(None)
+    with pytest.raises(ConfigError, match="prompts_per_identity=0"):
+        ev.personalization_items(seeds, 0)
+
+
+def test_rows_and_weight_pairs():
+    assert ev.hm_cfg_pairs([1, 2], [0.5, 1], sweep=True) == [(1, 0.5), (1, 1), (2, 0.5), (2, 1)]
+    assert ev.hm_cfg_pairs([1, 2], [0.5, 1]) == [(1, 0.5), (2, 1)]
+    assert ev.hm_cfg_pairs([3], [0, 1]) == [(3, 0), (3, 1)]
+    rows = ev.personalization_rows(["e2e", "λ=0"], refs=[1, 3], guidance_scales=[2, 3], hm_pairs=[(3, 1)])
+    labels = [r.label for r in rows]
+    assert labels[:2] == ["floor cfg g=2", "floor cfg g=3"]
+    assert labels[2:5] == ["e2e cfg g=2", "e2e cfg g=3", "e2e hm-cfg w_base=3 w_pers=1"]
+    assert "λ=0 k=3 hm-cfg w_base=3 w_pers=1" in labels and len(rows) == 2 + 2 * 2 * 3
+    assert rows[0].token is None and rows[2].token == ctx.RARE_TOKEN
+    assert ev.RowSpec("hm-cfg", "e2e", class_prompt=True).token is None
+    for bad, match in (([1, "x"], "'x'"), ([1, float("nan")], "nan"), ([-1], "-1"), ([], "at least one")):
+        with pytest.raises(ConfigError, match=match):
+            ev.hm_cfg_pairs(bad, [1.0])
+    with pytest.raises(ConfigError, match="differ in length"):
+        ev.hm_cfg_pairs([1, 2], [1, 2, 3])
+    with pytest.raises(ConfigError, match="'cfg' row needs"):
+        ev.RowSpec("cfg")
+    with pytest.raises(ConfigError, match="'pag'"):
+        ev.RowSpec("pag")
+    with pytest.raises(ConfigError, match="refs=0"):
+        ev.RowSpec("cfg", "e2e", refs=0)
+
+
+def test_hm_cfg_with_w_pers_zero_is_the_floor(base, hypernet_dir):
+    hypernet = E2EHyperNetwork.from_pretrained(hypernet_dir)
+    seeds = list(identity_seeds("test", 2))
+    items = ev.personalization_items(seeds, 2)
+    refs = torch.stack([ev.reference_images(s, 1) for s in seeds])
+    weights = hypernet(refs)
+    kw = dict(steps=2, batch_size=3)  # 4 items in chunks of 3 and 1
+    floor = ev.generate_row(base, ev.RowSpec("floor", guidance_scale=3.0), items, None, **kw)
+    hm0 = ev.generate_row(base, ev.RowSpec("hm-cfg", "e2e", w_base=3.0, w_pers=0.0, class_prompt=True), items, weights, **kw)
+    assert floor.shape == (4, 3, 32, 32)
+    torch.testing.assert_close(hm0, floor, rtol=1e-4, atol=1e-5)
+    cfg = ev.generate_row(base, ev.RowSpec("cfg", "e2e", guidance_scale=3.0, class_prompt=True), items, weights, **kw)
+    assert (cfg - floor).abs().max() > 1e-3  # the predicted LoRA changes the images
+
+
+def test_evaluate_personalization_table(base, oracles, hypernet_dir):
+    hypernets = ev.load_hypernetworks([hypernet_dir], base=base)
+    rows = ev.personalization_rows(list(hypernets), refs=[2], guidance_scales=[3.0], hm_pairs=[(3.0, 1.0)])
+    result = ev.evaluate_personalization(base, oracles, hypernets, rows, num_identities=2, prompts_per_identity=3, steps=2)
+    labels = [r["label"] for r in result["rows"]]
+    assert labels == ["references (renders, k=2)", "floor cfg g=3", "e2e k=2 cfg g=3", "e2e k=2 hm-cfg w_base=3 w_pers=1"]
+    for row in result["rows"]:
+        assert -1 <= row["subject"] <= 1
+        if row["kind"] == "references":
+            continue
+        assert row["images"] == 6
+        for key in ("subject", "prompt", "prompt_class", "prompt_background", "prompt_recolor", "subject_recolor", "prompt_recolor", "seconds_per_image"):
+            assert math.isfinite(row[key]), (row["label"], key)
+        assert math.isnan(row["prompt_accessory"])  # 3 prompts per identity: plain, background, recolour
+        assert math.isfinite(row["hypernet_ms_per_subject"]) == (row["kind"] != "floor")
+    [comparison] = result["comparison"]
+    assert comparison["hm_cfg"] == "e2e k=2 hm-cfg w_base=3 w_pers=1" and comparison["cfg"] == "e2e k=2 cfg g=3"
+    table = ev.personalization_table(result)
+    assert all(f"| {label} |" in table for label in labels) and "nan" not in table
+    again = ev.evaluate_personalization(base, oracles, hypernets, rows[:1], num_identities=2, prompts_per_identity=3, steps=2)
+    assert again["rows"][1]["subject"] == result["rows"][1]["subject"]  # seeded
+
+
+def test_evaluate_personalization_bad_input(base, oracles, hypernet_dir, tmp_path):
+    hypernets = ev.load_hypernetworks([hypernet_dir])
+    with pytest.raises(ConfigError, match="num_identities=0"):
+        ev.evaluate_personalization(base, oracles, hypernets, num_identities=0)
+    with pytest.raises(ConfigError, match="'other'"):
+        ev.evaluate_personalization(base, oracles, hypernets, [ev.RowSpec("cfg", "other")], num_identities=1)
+    with pytest.raises(ConfigError, match="'euler_x'"):
+        ev.evaluate_personalization(base, oracles, hypernets, scheduler="euler_x", num_identities=1)
+    with pytest.raises(CheckpointError, match="nowhere"):
+        ev.load_hypernetworks([tmp_path / "nowhere"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty"):
+        ev.load_hypernetworks([tmp_path / "empty"])
+    with pytest.raises(ConfigError, match="distinct"):
+        ev.load_hypernetworks([hypernet_dir, hypernet_dir], ["a", "a"])
+    other = E2EHyperNetwork(E2EConfig(d_model=32, layers=1, heads=2), {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (8, 8)})
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="other"):
+        ev.load_hypernetworks([tmp_path / "other"], base=base)
+
+
+def _row(kind, label, subject, prompt, recolor, hypernet="e2e", refs=1, g=3.0, w=(3.0, 1.0)):
+    return {
+        "kind": kind, "label": label, "hypernet": hypernet, "refs": refs, "subject": subject, "prompt": prompt, "prompt_recolor": recolor,
+        "guidance_scale": g if kind in ("floor", "cfg") else None, "w_base": w[0] if kind == "hm-cfg" else None, "w_pers": w[1] if kind == "hm-cfg" else None,
+    }
+
+
+def test_compare_hm_cfg_on_hand_made_rows(tmp_path):
+    rows = [
+        {**_row("references", "references", 0.9, float("nan"), float("nan")), "hypernet": None},
+        {**_row("floor", "floor cfg g=3", 0.2, 0.8, 0.7), "hypernet": None},
+        _row("cfg", "e2e cfg g=2", 0.50, 0.40, 0.30, g=2.0),
+        _row("cfg", "e2e cfg g=4", 0.60, 0.30, 0.20, g=4.0),
+        _row("hm-cfg", "hm a", 0.59, 0.45, 0.50, w=(3.0, 1.0)),  # nearest g=4, within 0.02, better
+        _row("hm-cfg", "hm b", 0.515, 0.35, 0.20, w=(3.0, 0.5)),  # nearest g=2, within, worse
+        _row("hm-cfg", "hm c", 0.70, 0.90, 0.90, w=(1.0, 2.0)),  # nearest g=4, 0.10 away
+        _row("hm-cfg", "hm d", 0.50, 0.90, 0.90, hypernet="other"),  # no CFG row of its hypernet
+        _row("hm-cfg", "hm e", 0.50, 0.90, 0.90, refs=3),  # nor of its reference count
+    ]
+    out = {c["hm_cfg"]: c for c in ev.compare_hm_cfg(rows, tolerance=0.02)}
+    assert list(out) == ["hm a", "hm b", "hm c", "hm d", "hm e"]
+    a = out["hm a"]
+    assert a["cfg"] == "e2e cfg g=4" and a["matched"] and a["better"]
+    assert a["subject_gap"] == pytest.approx(-0.01) and a["prompt_gain"] == pytest.approx(0.15) and a["recolor_prompt_gain"] == pytest.approx(0.30)
+    assert out["hm b"]["cfg"] == "e2e cfg g=2" and out["hm b"]["matched"] and not out["hm b"]["better"]
+    assert out["hm b"]["prompt_gain"] == pytest.approx(-0.05)
+    assert out["hm c"]["cfg"] == "e2e cfg g=4" and not out["hm c"]["matched"] and not out["hm c"]["better"]
+    assert out["hm d"]["cfg"] is None and out["hm e"]["cfg"] is None
+    text = ev.comparison_table(list(out.values()), 0.02)
+    assert "1 of 2 matched" in text and "3 of 5 HM-CFG rows had no CFG row" in text
+    assert ev.compare_hm_cfg(rows, tolerance=0.2)[2]["matched"]
+    with pytest.raises(ConfigError, match="tolerance"):
+        ev.compare_hm_cfg(rows, tolerance=-1)
+
+    assert ev.plot_fidelity(rows, tmp_path / "sweep.png") == tmp_path / "sweep.png"
+    assert Image.open(tmp_path / "sweep.png").size == (720, 540)
+    with pytest.raises(ConfigError, match="plot"):
+        ev.plot_fidelity(rows[:1], tmp_path / "none.png")
+
+
+def test_cli_sweep_writes_table_json_and_plot(tiny_world_model, oracles_dir, hypernet_dir, tmp_path, capsys):
+    out_json, out_png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    args = [
+        "world", "eval-personalization", "--model", str(tiny_world_model), "--oracles", str(oracles_dir),
+        "--hypernet", str(hypernet_dir), "--num-identities", "2", "--prompts", "2", "--steps", "2",
+        "--sweep", "--w-base", "1,3", "--w-pers", "1", "--guidance-scales", "3",
+        "--json", str(out_json), "--plot", str(out_png),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for label in ("floor cfg g=3", "e2e cfg g=3", "e2e hm-cfg w_base=1 w_pers=1", "e2e hm-cfg w_base=3 w_pers=1"):
+        assert f"| {label} |" in printed
+    assert "At equal subject fidelity" in printed and "min" in printed
+    result = json.loads(out_json.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert len(result["rows"]) == 1 + 1 + 1 + 2 and len(result["comparison"]) == 2
+    assert result["settings"]["images_per_row"] == 4
+    assert Image.open(out_png).format == "PNG"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--hypernet", "{tmp}/missing"], "missing"),
+        (["--num-identities", "0"], "--num-identities=0"),
+        (["--w-base", "1,x"], "'x'"),
+        (["--w-base", "1,2", "--w-pers", "1,2,3"], "differ in length"),
+        (["--w-pers", "-1"], "-1"),
+        (["--refs", "1,0"], "--refs"),
+        (["--json", "{tmp}/no/such/out.json"], "no/such"),
+    ],
+)
+def test_cli_bad_input(extra, message, tiny_world_model, oracles_dir, hypernet_dir, tmp_path, capsys):
+    args = ["world", "eval-personalization", "--model", str(tiny_world_model), "--oracles", str(oracles_dir), "--num-identities", "1", "--steps", "1"]
+    if "--hypernet" not in extra:
+        args += ["--hypernet", str(hypernet_dir)]
+    assert main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -83,6 +83,19 @@ def test_callback_seed_and_lora_scale(base):
     torch.testing.assert_close(zero, plain, rtol=1e-4, atol=1e-5)  # ΔW = 0: HM-CFG is base CFG with w_base + w_pers
 
 
+def test_unet_dtype_is_followed(base):
+    import copy
+    import dataclasses
+
+    bf16 = dataclasses.replace(base, unet=copy.deepcopy(base.unet).to(torch.bfloat16))
+    w = _lora(base, 1)
+    for guidance in ("cfg", "hm-cfg"):
+        low = generate(bf16, ["a sks toy"], w, guidance=guidance, steps=2, seed=1)
+        full = generate(base, ["a sks toy"], w, guidance=guidance, steps=2, seed=1)
+        assert low.dtype == torch.float32 and torch.isfinite(low).all()
+        assert 0 < (low - full).abs().max() < 0.3  # bf16 rounding, nothing more
+
+
 def test_parse_mix_and_exact_interpolation(base, tmp_path):
     from hyperbooth.generate import mix_loras, parse_mix
     from hyperbooth.lora import save_lora

@@ -21,6 +21,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +96,12 @@ def generate(
         subject = torch.zeros(n, dtype=torch.long) if k == 1 else torch.arange(n)
         rows = torch.cat([torch.full((2 * n,), -1), subject])  # (3N,)
     states, mask = base.encode(["" for _ in prompts] + list(prompts) * (branches - 1))  # (branches·N, L, d)
-    states = states.to(unet.dtype)
+    dtype = unet.dtype
+    states = states.to(dtype)
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        pred = unet(x_t.repeat(branches, 1, 1, 1), t.repeat(branches), encoder_hidden_states=states, encoder_attention_mask=mask).sample
+        x_in = x_t.to(dtype).repeat(branches, 1, 1, 1)  # (branches·N, C, H, W) in the UNet's dtype
+        pred = unet(x_in, t.repeat(branches), encoder_hidden_states=states, encoder_attention_mask=mask).sample.to(x_t.dtype)
         parts = pred.chunk(branches)
         if branches == 2:
             return cfg(parts[0], parts[1], guidance_scale)
@@ -106,15 +109,10 @@ def generate(
 
     sampler = make_scheduler(scheduler, base.scheduler)
     shape = (n, unet.config.in_channels, base.resolution, base.resolution)
-    sample = lambda: denoise(  # noqa: E731
-        model_fn, sampler, shape, steps, generator=torch.Generator().manual_seed(seed), device=unet.device,
-        dtype=unet.dtype, callback=callback, progress=progress,
-    )
-    if weights is None:
-        x = sample()
-    else:
-        with LoRAInjector(unet).apply(weights, mode=mode, rows=rows, scale=lora_scale):
-            x = sample()
+    generator = torch.Generator().manual_seed(seed)
+    lora = nullcontext() if weights is None else LoRAInjector(unet).apply(weights, mode=mode, rows=rows, scale=lora_scale)
+    with lora:  # x_t stays float32; the UNet runs in its own dtype
+        x = denoise(model_fn, sampler, shape, steps, generator=generator, device=unet.device, callback=callback, progress=progress)
     return x.float().clamp(-1, 1).cpu()
 
 
@@ -334,8 +332,8 @@ def run(args: argparse.Namespace) -> int:
     grid = captioned_grid(cells, captions)
     if folder is not None:
         folder.mkdir(exist_ok=True)
-        for s in seeds:
-            for i, (prompt, image) in enumerate(zip(args.prompt, cells[seeds.index(s)])):
+        for s, row in zip(seeds, cells):
+            for i, (prompt, image) in enumerate(zip(args.prompt, row)):
                 save_png(image, folder / f"{i:02d}_{_slug(prompt)}_seed{s}.png")
     save_png(grid, grid_path)
     mode = "base model" if weights is None else args.guidance

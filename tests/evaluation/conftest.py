@@ -34,11 +34,9 @@ def tiny_clip(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session", params=["dinov2", "vit"])
-def tiny_dino(request, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp(f"tiny_{request.param}")
+def _save_dino(folder: Path, kind: str) -> Path:
     torch.manual_seed(0)
-    if request.param == "dinov2":
+    if kind == "dinov2":
         from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
         Dinov2Model(Dinov2Config(**_vision())).save_pretrained(folder)
@@ -49,6 +47,18 @@ def tiny_dino(request, tmp_path_factory) -> Path:
         ViTModel(ViTConfig(**_vision())).save_pretrained(folder)
         ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory) -> Path:
+    """A tiny Dinov2Model folder with its image processor."""
+    return _save_dino(tmp_path_factory.mktemp("tiny_dinov2"), "dinov2")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A tiny ViTModel folder (the architecture of DINO ViT-S/16) with its image processor."""
+    return _save_dino(tmp_path_factory.mktemp("tiny_vit"), "vit")
 
 
 @pytest.fixture(scope="session")

@@ -50,33 +50,34 @@ def test_world_seeds_are_fixed_per_image(tiny_world_model, random_oracles, tmp_p
 
 
 def test_world_hypernet_and_lora_folder_methods(tiny_world_model, random_oracles, tmp_path):
+    from hyperbooth.evaluation.backends import WorldBackend
     from hyperbooth.lora import LoRAWeights, save_lora, target_shapes
     from hyperbooth.methods.e2e import E2EConfig, E2EHyperNetwork
-    from hyperbooth.world.base_model import WorldBaseModel
 
-    unet = WorldBaseModel.from_pretrained(tiny_world_model).unet
-    shapes = target_shapes(unet)
+    backend = WorldBackend(str(tiny_world_model), steps=2, num_subjects=1, references=2)  # shared by the runs below
+    shapes = target_shapes(backend.model.unet)
     torch.manual_seed(0)
     hypernet = E2EHyperNetwork(E2EConfig(d_model=32, layers=1, heads=2, encoder_dim=16), shapes).save_pretrained(tmp_path / "hyper")
     cfg = load_config(EvalConfig, WORLD, _world_overrides(tiny_world_model, random_oracles, "method.kind=hypernet", f"method.path={hypernet}", "method.guidance=hm-cfg"))
-    results = run_eval(cfg, tmp_path / "hyper.json")
+    results = run_eval(cfg, tmp_path / "hyper.json", backend=backend)
     (subject,) = results["subjects"].values()
     assert results["status"] == "complete" and list(subject["prompts"])[0].startswith("a sks ")
-    assert subject["personalize_seconds"] is not None
+    assert subject["personalize_seconds"] is not None and "hypernetwork" in results["method"]["description"]
 
-    # a LoRA folder where the one subject has no file: marked as failed, the JSON kept, exit code 1
+    # a LoRA folder where the one subject has no file: marked as failed, the JSON kept
     loras = tmp_path / "loras"
     loras.mkdir()
-    cfg = load_config(EvalConfig, WORLD, _world_overrides(tiny_world_model, random_oracles, "method.kind=lora_folder", f"method.path={loras}"))
-    results = run_eval(cfg, tmp_path / "missing.json")
+    cfg = load_config(EvalConfig, WORLD, _world_overrides(tiny_world_model, random_oracles, "method.kind=lora_folder", f"method.path={loras}", "metrics.use=[oracle_prompt]"))
+    results = run_eval(cfg, tmp_path / "missing.json", backend=backend)
     assert results["status"] == "partial" and results["failures"][0]["stage"] == "personalize"
     assert "no LoRA file for subject" in results["failures"][0]["error"]
     assert json.loads((tmp_path / "missing.json").read_text())["status"] == "partial"
 
     name = next(iter(results["subjects"]))
-    save_lora(loras / f"{name}.safetensors", LoRAWeights.random(shapes, rank=2, std=0.05, generator=torch.Generator().manual_seed(0)), "kohya", models={"unet": unet})
-    assert main(["eval", "--config", WORLD, "--json", str(tmp_path / "lora.json"),
-                 *_world_overrides(tiny_world_model, random_oracles, "method.kind=lora_folder", f"method.path={loras}", "metrics.use=[oracle_prompt]")]) == 0
+    weights = LoRAWeights.random(shapes, rank=2, std=0.05, generator=torch.Generator().manual_seed(0))
+    save_lora(loras / f"{name}.safetensors", weights, "kohya", models={"unet": backend.model.unet})
+    results = run_eval(cfg, tmp_path / "lora.json", backend=backend)
+    assert results["status"] == "complete" and len(results["subjects"][name]["prompts"]) == 1
 
 
 def _sd_overrides(pipe, dataset, *more):
@@ -87,8 +88,6 @@ def _sd_overrides(pipe, dataset, *more):
 
 @needs_dreambench
 def test_diffusers_eval_end_to_end(tiny_sd, dreambench_one, tiny_dino, tiny_clip, tmp_path):
-    if "vit" in tiny_dino.name:
-        pytest.skip("one DINO checkpoint kind is enough here")
     out, report = tmp_path / "sd.json", tmp_path / "sd.html"
     code = main(["eval", "--config", SD15, "--json", str(out), "--report", str(report),
                  *_sd_overrides(tiny_sd, dreambench_one, f"metrics.dino={tiny_dino}", f"metrics.clip={tiny_clip}", "report.embed_images=false", "report.thumbnail=16")])

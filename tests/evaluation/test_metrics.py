@@ -24,19 +24,23 @@ def _pair():
     return torch.stack([image, altered(image)]), image[None]  # generated: (identical, altered); references
 
 
-def test_dino_identical_is_one_and_altered_scores_lower(tiny_dino):
-    metric = DinoMetric(tiny_dino)
+@pytest.mark.parametrize("checkpoint", ["tiny_dino", "tiny_vit"])
+def test_dino_identical_is_one_and_altered_scores_lower(checkpoint, request):
+    folder = request.getfixturevalue(checkpoint)
+    metric = DinoMetric(folder)
     generated, refs = _pair()
     scores = metric(generated, refs)
     assert scores.shape == (2,)
     assert scores[0].item() == pytest.approx(1.0, abs=1e-5)
     assert scores[1] < scores[0] - 1e-3
-    assert "DINO" in metric.describe() and str(tiny_dino) in metric.describe()
+    assert "DINO" in metric.describe() and str(folder) in metric.describe()
 
 
-def test_dino_is_the_cls_of_the_checkpoint_with_its_processor(tiny_dino):
+@pytest.mark.parametrize("checkpoint", ["tiny_dino", "tiny_vit"])
+def test_dino_is_the_cls_of_the_checkpoint_with_its_processor(checkpoint, request):
     from transformers import AutoImageProcessor, AutoModel
 
+    tiny_dino = request.getfixturevalue(checkpoint)
     metric = DinoMetric(tiny_dino)
     images = torch.stack([pattern_image(1, 40), pattern_image(2, 40)])
     processor, model = AutoImageProcessor.from_pretrained(tiny_dino), AutoModel.from_pretrained(tiny_dino).eval()

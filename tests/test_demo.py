@@ -62,10 +62,10 @@ def test_demo_cli_end_to_end(tiny, tiny_world_model, tmp_path, capsys):
     from hyperbooth.cli import main
 
     out = tmp_path / "demo"
-    code = main(["demo", "--model", str(tiny_world_model), "--hypernet", str(tiny["hn_dir"]), "--oracles", str(tiny["oracles_dir"]), "--steps", "1", "--no-interop", "--out", str(out)])
+    code = main(["demo", "--model", str(tiny_world_model), "--hypernet", str(tiny["hn_dir"]), "--oracles", str(tiny["oracles_dir"]), "--steps", "1", "--no-floor", "--no-interop", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "subject fidelity" in printed and "hm-cfg" in printed and "base cfg" in printed
+    assert "subject fidelity" in printed and "hm-cfg" in printed and "base cfg" not in printed
     assert (out / "demo_grid.png").is_file()
 
 

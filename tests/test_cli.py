@@ -42,9 +42,11 @@ def test_bad_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert "weights.ckpt" in err and "pickle" in err and "\n" not in err
 
 
-def test_demo_runs_and_writes_loadable_files(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+def test_demo_runs_on_the_shipped_models_and_writes_loadable_files(tmp_path, capsys):
+    """The quick start's main job end to end on the shipped world models (few sampling steps to stay fast)."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "3"]) == 0
     out = capsys.readouterr().out
-    assert "kohya file via diffusers load_lora_weights" in out
+    assert "kohya file via diffusers load_lora_weights" in out and "hm-cfg" in out
+    assert (tmp_path / "demo" / "demo_grid.png").stat().st_size > 1000
     for fmt in ("diffusers", "kohya"):
         assert load_lora(tmp_path / "demo" / f"subject0_{fmt}.safetensors").format == fmt

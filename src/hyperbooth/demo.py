@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hyperbooth.errors import ConfigError
+from hyperbooth.sampling import DEFAULT_SCHEDULER
 from hyperbooth.generate import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_STEPS,
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     table, path = run_demo(base, hypernet, oracles, out, steps=args.steps, seed=args.seed, floor=not args.no_floor)
-    print(f"hyperbooth demo: 4 held-out DreamBench-World identities x {len(DEMO_CONTEXTS)} prompts, {args.steps} DDIM steps, "
+    print(f"hyperbooth demo: 4 held-out DreamBench-World identities x {len(DEMO_CONTEXTS)} prompts, {args.steps} {DEFAULT_SCHEDULER} steps, "
           f"CFG {DEFAULT_GUIDANCE_SCALE:g}, HM-CFG w_base {DEFAULT_W_BASE:g} w_pers {DEFAULT_W_PERS:g} ({time.perf_counter() - t0:.0f} s)")
     print(format_table(table))
     print(f"grid: {path}")

@@ -32,7 +32,7 @@ from hyperbooth.files import atomic_write
 from hyperbooth.guidance import cfg, hm_cfg
 from hyperbooth.lora.inject import LoRAInjector, check_compatible
 from hyperbooth.lora.weights import LoRAWeights, combine
-from hyperbooth.sampling import SCHEDULERS, denoise, make_scheduler
+from hyperbooth.sampling import DEFAULT_SCHEDULER, SCHEDULERS, denoise, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ DEFAULT_GUIDANCE_SCALE = 3.0
 DEFAULT_W_BASE = 3.0
 DEFAULT_W_PERS = 1.0
 DEFAULT_STEPS = 25
-DEFAULT_SCHEDULER = "ddim"
 UPSCALE = 4  # grid cells: 32x32 images → 128x128, nearest neighbour
 
 

@@ -128,7 +128,7 @@ def world_prompts(prompt_set: PromptSet | None = None) -> tuple[EvalPrompt, ...]
 class WorldBackend(Backend):
     name = "world"
 
-    def __init__(self, model: str | None = None, device: str = "cpu", steps: int = 25, scheduler: str = "ddim",
+    def __init__(self, model: str | None = None, device: str = "cpu", steps: int = 25, scheduler: str = "dpm++",
                  num_subjects: int = 8, references: int = 3, prompts_file: str | None = None, seed: int = 0):
         from hyperbooth.world.base_model import WorldBaseModel
 

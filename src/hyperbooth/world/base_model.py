@@ -115,7 +115,7 @@ class WorldBaseModel:
         guidance_scale: float = 3.0,
         steps: int = 30,
         seed: int = 0,
-        scheduler: str = "ddim",
+        scheduler: str = "dpm++",
     ) -> torch.Tensor:
         """Sample one image per prompt with classifier-free guidance; float tensor ``(B, 3, H, W)`` in [-1, 1].
 

@@ -21,6 +21,7 @@ import torch
 
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.files import atomic_write
+from hyperbooth.sampling import DEFAULT_SCHEDULER
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world.base_model import WorldBaseModel, to_uint8
 from hyperbooth.world.datasets import labels_of
@@ -61,7 +62,7 @@ def evaluate_base_model(
     num: int = 320,
     guidance_scale: float = 3.0,
     steps: int = 25,
-    scheduler: str = "ddim",
+    scheduler: str = DEFAULT_SCHEDULER,
     seed: int = 0,
     batch_size: int = 32,
     diversity_prompts: int = 8,
@@ -431,7 +432,7 @@ def generate_row(
     steps: int = 25,
     seed: int = 0,
     batch_size: int = 48,
-    scheduler: str = "ddim",
+    scheduler: str = DEFAULT_SCHEDULER,
 ) -> torch.Tensor:
     """The images of one row, ``(len(items), 3, H, W)``: chunks of ``batch_size`` prompts, one ``generate`` call each,
     chunk ``b`` seeded ``seed + b`` (the same noise in every row). ``weights``: LoRAWeights of all subjects (row
@@ -469,7 +470,7 @@ def evaluate_personalization(
     steps: int = 25,
     seed: int = 0,
     batch_size: int = 48,
-    scheduler: str = "ddim",
+    scheduler: str = DEFAULT_SCHEDULER,
     tolerance: float = 0.02,
 ) -> dict:
     """Subject and prompt fidelity of every row on ``num_identities`` held-out identities (see the protocol above).

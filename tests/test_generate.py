@@ -191,6 +191,12 @@ def test_cli_images_to_folder_matches_generate(tiny_world_model, base, assets, t
     assert np.abs(got.astype(int) - plain[1]).max() > 10  # and the personalization acted
 
 
+def test_cli_dtype_and_device_options(tiny_world_model, assets, tmp_path):
+    a, _ = assets["loras"]
+    assert _cli(tiny_world_model, "--prompt", "a sks ball", "--lora", a, "--device", "cpu", "--dtype", "bfloat16", "--out", tmp_path / "bf16.png") == 0
+    assert Image.open(tmp_path / "bf16.png").size == (136, 164)
+
+
 def test_cli_lora_and_mix_write_one_grid(tiny_world_model, assets, tmp_path):
     from PIL import Image
 
@@ -220,6 +226,7 @@ def test_cli_lora_and_mix_write_one_grid(tiny_world_model, assets, tmp_path):
         (["--lora", "{tmp}/nope.safetensors"], "nope.safetensors"),
         (["--images", "{tmp}/nope.png", "--hypernet", "{hn}"], "nope.png"),
         (["--images", "{ref}", "--hypernet", "{tmp}/no-hn"], "no-hn"),
+        (["--device", "warp-drive"], "'warp-drive'"),
     ],
 )
 def test_cli_bad_input_is_exit_2_naming_the_value(tiny_world_model, assets, tmp_path, capsys, extra, named):

@@ -259,6 +259,8 @@ def register(subparsers) -> None:
     parser.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped world model)")
     parser.add_argument("--out", required=True, help="grid.png, or a folder (existing, or ending in '/') for the images and grid.png")
     parser.add_argument("--progress", action="store_true", help="show a progress bar per sampling run")
+    parser.add_argument("--device", default="cpu", help="torch device of the UNet and hypernetwork (cpu, cuda, cuda:1, mps)")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the UNet (the sampler state stays float32)")
     parser.set_defaults(func=run)
 
 
@@ -276,6 +278,19 @@ def output_paths(out: str) -> tuple[Path | None, Path]:
     if not path.parent.is_dir():
         raise ConfigError(f"--out {out!r}: folder {str(path.parent)!r} does not exist")
     return None, path
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -303,12 +318,14 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     folder, grid_path = output_paths(args.out)
     mix = parse_mix(args.mix) if args.mix else None
-    base = WorldBaseModel.from_pretrained(args.model)
+    device = _device(args.device)
+    base = WorldBaseModel.from_pretrained(args.model, device=device)
+    base.unet.to(DTYPES[args.dtype])
     weights, subject = None, "base model (CFG)"
     if args.images:
-        hypernet = load_hypernet(args.hypernet)
+        hypernet = load_hypernet(args.hypernet).to(device)
         files = image_files(args.images)
-        refs = torch.stack([load_image(f, size=base.resolution) for f in files])  # (k, 3, H, W)
+        refs = torch.stack([load_image(f, size=base.resolution) for f in files]).to(device)  # (k, 3, H, W)
         weights, ms = personalize_refs(hypernet, base, refs[None])
         subject = f"{len(files)} reference image(s), hypernetwork pass {ms:.1f} ms"
     elif args.lora:
@@ -316,6 +333,8 @@ def run(args: argparse.Namespace) -> int:
     elif mix:
         weights, subject = mix_loras(mix, base.unet), " + ".join(f"{w:g}·{p}" for p, w in mix)
 
+    if weights is not None:
+        weights = weights.to(device=device, dtype=DTYPES[args.dtype])
     seeds = list(range(args.seed, args.seed + args.num_images))
     t0 = time.perf_counter()
     images = {}  # seed → (P, 3, H, W); cell (prompt i, seed s) is row i of the run with seed s

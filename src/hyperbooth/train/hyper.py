@@ -209,7 +209,7 @@ def train_hypernet(cfg: HyperTrainConfig, resume: bool = False, base=None) -> Pa
         csv_file.close()
         if ema is not None:
             ema.copy_to(final)
-        final.save_pretrained(out / "hypernet", extra={"train_config": to_dict(cfg), "base_model": str(base.path)})
+        final.save_pretrained(out / "hypernet", extra={"train_config": to_dict(cfg), "base_model": cfg.base_model or "hyperbooth:world/base"})
     return out / "hypernet"
 
 

@@ -49,3 +49,29 @@ def test_shipped_oracles_load_and_separate_identities():
     assert figures["identity_roc_auc"] > 0.95
     assert figures["background_accuracy"] > 0.9
     assert (SHIPPED_ORACLES / "oracles.json").is_file()
+
+
+def test_shipped_hypernetwork_personalizes_the_shipped_base_model(tmp_path):
+    from hyperbooth.cli import main
+    from hyperbooth.lora import load_lora
+    from hyperbooth.methods.e2e import E2EHyperNetwork
+    from hyperbooth.personalize import SHIPPED_HYPERNET
+    from hyperbooth.world.evaluate import reference_images
+    from hyperbooth.world.splits import identity_seeds
+
+    hypernet = E2EHyperNetwork.from_pretrained(SHIPPED_HYPERNET)
+    assert hypernet.config.encoder == "world-pretrained" and not hypernet.encoder.trainable
+    seeds = list(identity_seeds("test", 2))
+    refs = torch.stack([reference_images(s, 1) for s in seeds])  # (2, 1, 3, 32, 32)
+    with torch.no_grad():
+        weights = hypernet(refs)
+    deltas = weights.deltas()
+    assert all(torch.isfinite(d).all() for d in deltas.values())
+    diff = sum(float((d[0] - d[1]).norm()) for d in deltas.values())
+    assert diff > 0  # two identities get two different LoRAs
+    from PIL import Image
+
+    ref = tmp_path / "ref.png"
+    Image.fromarray(((refs[0, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(ref)
+    assert main(["personalize", "--images", str(ref), "--out", str(tmp_path / "s.safetensors"), "--format", "kohya"]) == 0
+    assert load_lora(tmp_path / "s.safetensors", WorldBaseModel.from_pretrained().unet).format == "kohya"

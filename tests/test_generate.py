@@ -192,6 +192,8 @@ def test_cli_images_to_folder_matches_generate(tiny_world_model, base, assets, t
 
 
 def test_cli_dtype_and_device_options(tiny_world_model, assets, tmp_path):
+    from PIL import Image
+
     a, _ = assets["loras"]
     assert _cli(tiny_world_model, "--prompt", "a sks ball", "--lora", a, "--device", "cpu", "--dtype", "bfloat16", "--out", tmp_path / "bf16.png") == 0
     assert Image.open(tmp_path / "bf16.png").size == (136, 164)

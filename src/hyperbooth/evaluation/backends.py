@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from hyperbooth.train.base import resolve_device  # noqa: F401  (also used by protocol.py)
+
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.evaluation.dreambench import EvalPrompt, PromptSet, Subject, load_subjects, parse_prompts_file
 
@@ -37,15 +39,6 @@ class Guidance:
     w_base: float = 3.0
     w_pers: float = 1.0
     lora_scale: float = 1.0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a torch device") from None
 
 
 class Backend(ABC):

@@ -164,6 +164,18 @@ def _cosine_lr(optimizer, steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
+def info_nce_loss(model: nn.Module, pool: torch.Tensor, batch_identities: int, temperature: float, gen: torch.Generator) -> torch.Tensor:
+    """InfoNCE (Oord et al. 2018) over two augmented views of ``batch_identities`` identities drawn from
+    ``pool (M, V, 3, H, W)``; ``model`` maps images to unit embeddings. The positive of a view is the other view."""
+    ids = torch.randperm(pool.shape[0], generator=gen)[:batch_identities]
+    views = torch.stack([torch.randperm(pool.shape[1], generator=gen)[:2] for _ in ids])  # (M, 2)
+    x = augment(pool[ids[:, None], views].flatten(0, 1), gen)  # (2M, 3, H, W): views 2i, 2i+1 of identity i
+    z = model(x)
+    logits = z @ z.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    return F.cross_entropy(logits, torch.arange(z.shape[0]) ^ 1)
+
+
 def train_identity_encoder(cfg: OracleTrainConfig, progress: bool = True) -> IdentityEncoder:
     """InfoNCE over a pre-rendered pool: ``pool_identities`` train identities x ``pool_views`` views each."""
     from tqdm.auto import tqdm
@@ -177,13 +189,7 @@ def train_identity_encoder(cfg: OracleTrainConfig, progress: bool = True) -> Ide
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = _cosine_lr(opt, cfg.steps)
     for _ in tqdm(range(cfg.steps), desc="identity oracle", disable=not progress):
-        ids = torch.randperm(len(seeds), generator=gen)[: cfg.batch_identities]
-        views = torch.stack([torch.randperm(cfg.pool_views, generator=gen)[:2] for _ in ids])  # (M, 2)
-        x = augment(pool[ids[:, None], views].flatten(0, 1), gen)  # (2M, 3, H, W): views 2i, 2i+1 of identity i
-        z = model(x)
-        logits = z @ z.T / cfg.temperature
-        logits.fill_diagonal_(float("-inf"))
-        loss = F.cross_entropy(logits, torch.arange(z.shape[0]) ^ 1)  # the positive is the other view
+        loss = info_nce_loss(model, pool, cfg.batch_identities, cfg.temperature, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

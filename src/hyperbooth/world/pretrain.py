@@ -58,7 +58,7 @@ def pretrain_world_encoder(cfg: EncoderPretrainConfig, progress: bool = True) ->
     """InfoNCE over a pre-rendered pool of train identities; returns the encoder (head dropped) and figures."""
     from tqdm.auto import tqdm
 
-    from hyperbooth.world.oracles import augment, identity_views, roc_auc
+    from hyperbooth.world.oracles import identity_views, info_nce_loss, roc_auc
     from hyperbooth.world.splits import identity_seeds
 
     t0 = time.perf_counter()
@@ -71,13 +71,7 @@ def pretrain_world_encoder(cfg: EncoderPretrainConfig, progress: bool = True) ->
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     for _ in tqdm(range(cfg.steps), desc="world encoder", disable=not progress):
-        ids = torch.randperm(len(seeds), generator=gen)[: cfg.batch_identities]
-        views = torch.stack([torch.randperm(cfg.pool_views, generator=gen)[:2] for _ in ids])  # (M, 2)
-        x = augment(pool[ids[:, None], views].flatten(0, 1), gen)  # (2M, 3, H, W): views 2i, 2i+1 of identity i
-        z = model(x)
-        logits = z @ z.T / cfg.temperature
-        logits.fill_diagonal_(float("-inf"))
-        loss = F.cross_entropy(logits, torch.arange(z.shape[0]) ^ 1)  # the positive is the other view
+        loss = info_nce_loss(model, pool, cfg.batch_identities, cfg.temperature, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

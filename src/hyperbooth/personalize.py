@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,11 @@ def register(subparsers) -> None:
 
 def personalize(images: list, hypernet_path: Path | None = None, model_path: Path | None = None):
     """Images → (LoRAWeights for one subject, the base model, milliseconds the hypernetwork took)."""
+    from hyperbooth.generate import load_hypernet
     from hyperbooth.images import image_files, load_image
-    from hyperbooth.methods.e2e import E2EHyperNetwork
     from hyperbooth.world.base_model import WorldBaseModel
 
-    hypernet_path = hypernet_path or SHIPPED_HYPERNET
-    if not hypernet_path.is_dir():
-        raise CheckpointError(f"hypernetwork folder {hypernet_path} does not exist; train one with `hyperbooth train --config configs/e2e_world.yaml`")
-    hypernet = E2EHyperNetwork.from_pretrained(hypernet_path)
+    hypernet = load_hypernet(hypernet_path)  # a missing folder says how to train one
     base = WorldBaseModel.from_pretrained(model_path)
     refs = torch.stack([load_image(f, size=base.resolution) for f in image_files(images)])  # (k, 3, H, W)
     t0 = time.perf_counter()

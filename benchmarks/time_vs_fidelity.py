@@ -150,6 +150,31 @@ def summarize(per_identity: list[list[dict]], steps: list[int]) -> list[dict]:
     return curve
 
 
+#: settings that change the DreamBooth-LoRA curve; a reused curve must have been made with the same ones
+CURVE_SETTINGS = ("model", "oracles", "k", "contexts", "rank", "lr", "prior_preservation", "num_class_images", "sample_steps", "guidance_scale", "seed")
+
+
+def reused_curve(path: Path, args, identities: list[int], steps: list[int]) -> list[list[dict]]:
+    """The per-identity DreamBooth-LoRA rows of an earlier run's JSON, after checking it was made with the same
+    settings, identities and checkpoints (the machine and thread count are the user's to keep equal)."""
+    from hyperbooth.errors import ConfigError
+
+    try:
+        old = json.loads(Path(path).read_text())
+        settings, rows = old["settings"], old["dreambooth_lora"]["per_identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--reuse-curve {str(path)!r} is not a time_vs_fidelity JSON ({type(e).__name__}: {e})") from None
+    now = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    for key in CURVE_SETTINGS:
+        if settings.get(key) != now.get(key):
+            raise ConfigError(f"--reuse-curve {str(path)!r} was made with {key}={settings.get(key)!r}, this run has {key}={now.get(key)!r}")
+    if old.get("identities") != identities or settings.get("checkpoints") != steps:
+        raise ConfigError(f"--reuse-curve {str(path)!r} holds identities {old.get('identities')} at steps {settings.get('checkpoints')}, "
+                          f"this run wants {identities} at {steps}")
+    nan = float("nan")
+    return [[{k: (nan if v is None else v) for k, v in r.items()} for r in rows_] for rows_ in rows]
+
+
 # -- plot (PIL only) -------------------------------------------------------------------------------------------
 
 
@@ -223,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--oracles", type=Path, default=None, help="oracle folder (default: the shipped oracles)")
     parser.add_argument("--hypernet", type=Path, default=None, help="hypernetwork folder (default: the shipped e2e one)")
     parser.add_argument("--no-hypernet", action="store_true", help="only the DreamBooth-LoRA curve")
+    parser.add_argument("--reuse-curve", type=Path, default=None,
+                        help="take the DreamBooth-LoRA curve from this earlier --json output (same settings) instead of fine-tuning again")
     parser.add_argument("--identities", type=int, default=8, help="held-out (test split) identities")
     parser.add_argument("--k", type=int, default=3, help="reference images per identity")
     parser.add_argument("--max-steps", type=int, default=800)
@@ -277,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = FinetuneConfig(steps=max(max_steps, 1), rank=args.rank, lr=args.lr, prior_preservation=args.prior_preservation,
                          num_class_images=args.num_class_images, seed=args.seed)
     per_identity = []
+    if args.reuse_curve is not None:
+        per_identity = reused_curve(args.reuse_curve, args, [seed for seed, _, _ in identities], steps)
+        print(f"DreamBooth-LoRA curve of {len(per_identity)} identities taken from {args.reuse_curve}")
     for index, (seed, class_name, refs) in enumerate(identities):
+        if args.reuse_curve is not None:
+            break
         t0 = time.perf_counter()
         rows = run_dreambooth(evaluate, seed, class_name, refs, index, steps, cfg)
         per_identity.append(rows)

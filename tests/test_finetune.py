@@ -239,3 +239,16 @@ def test_benchmark_runs_end_to_end_on_tiny_models(tiny_world_model, tmp_path, ca
     assert result["hypernet"]["subject_fidelity"] == pytest.approx(curve[0]["subject_fidelity"], abs=1e-5)
     with Image.open(tmp_path / "r.png") as im:
         assert im.size == (720, 460)
+    # the curve of that run is reused as is (no fine-tuning) when the settings match, refused when they do not
+    args = ["--model", str(tiny_world_model), "--oracles", str(oracles), "--hypernet", str(hypernet), "--identities", "2", "--k", "2",
+            "--checkpoints", "0", "1", "2", "--contexts", "snow", "red", "--sample-steps", "2", "--reuse-curve", str(tmp_path / "r.json")]
+    assert _benchmark().main([*args, "--json", str(tmp_path / "again.json")]) == 0
+    assert "taken from" in capsys.readouterr().out
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["dreambooth_lora"]["curve"] == curve
+    from hyperbooth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lr=0.0001.*lr=0.001"):
+        _benchmark().main([*args, "--lr", "1e-3"])
+    with pytest.raises(ConfigError, match="identities"):
+        _benchmark().main([*args[:-1], str(tmp_path / "r.json"), "--identities", "1"])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hyperbooth.errors import ConfigError
-from hyperbooth.lora import LoRALayer, LoRAWeights, combine, frobenius_sq
+from hyperbooth.lora import LoRALayer, LoRAWeights, combine, frobenius_sq, stack
 
 SHAPES = {"a.to_q": (8, 6), "a.to_k": (5, 8)}
 
@@ -96,3 +96,18 @@ def test_unit_scale_preserves_delta():
     assert all(layer.alpha == layer.rank for layer in u.values())
     for name in SHAPES:
         torch.testing.assert_close(u.deltas()[name], w.deltas()[name])
+
+
+def test_stack_concatenates_subjects_exactly_across_alphas():
+    a, b = _weights(n=2, seed=1, alpha=4.0), _weights(n=1, seed=2, alpha=1.0)
+    s = stack([a, b])
+    assert s.num_subjects == 3
+    for name in SHAPES:
+        torch.testing.assert_close(s.deltas()[name][:2], a.deltas()[name])
+        torch.testing.assert_close(s.deltas()[name][2:], b.deltas()[name])
+    with pytest.raises(ConfigError, match="rank 3"):
+        stack([a, _weights(n=1, rank=3)])
+    with pytest.raises(ConfigError, match="a.to_k"):
+        stack([a, LoRAWeights({"a.to_q": a["a.to_q"]})])
+    with pytest.raises(ConfigError, match="at least one"):
+        stack([])

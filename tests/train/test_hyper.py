@@ -31,6 +31,24 @@ def test_decoder_output_is_zero_at_init():
     assert all(layer.A.abs().sum() > 0 for layer in w.values())  # gradients can reach B through A
 
 
+def test_save_pretrained_in_fp16_halves_the_file_and_loads_back(tmp_path):
+    shapes = {"a.to_q": (8, 8), "a.to_k": (12, 8)}
+    torch.manual_seed(0)
+    net = E2EHyperNetwork(E2EConfig(d_model=32, layers=1, heads=2, encoder_dim=16), shapes)
+    for head in net.head_B.values():
+        torch.nn.init.normal_(head.weight, std=0.2)
+    full, half = net.save_pretrained(tmp_path / "fp32"), net.save_pretrained(tmp_path / "fp16", dtype=torch.float16)
+    size = lambda folder: (folder / "hypernet.safetensors").stat().st_size  # noqa: E731
+    assert size(half) < 0.6 * size(full)
+    loaded = E2EHyperNetwork.from_pretrained(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    refs = torch.rand(2, 1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a, b = net.eval()(refs).deltas(), loaded(refs).deltas()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-2, atol=1e-3)
+
+
 def test_three_steps_checkpoint_and_exact_resume(tiny_world_model, tmp_path):
     full = train_hypernet(_cfg(tiny_world_model, tmp_path / "full", "optim.max_steps=3"))
     part = tmp_path / "part"

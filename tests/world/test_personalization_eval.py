@@ -204,6 +204,56 @@ def test_cli_sweep_writes_table_json_and_plot(tiny_world_model, oracles_dir, hyp
     assert Image.open(out_png).format == "PNG"
 
 
+def test_multi_reference_variants_share_weights_and_differ_only_for_several_refs(hypernet_dir):
+    hypernet = E2EHyperNetwork.from_pretrained(hypernet_dir)
+    variants = ev.multi_reference_variants({"e2e": hypernet}, ["tokens", "mean_delta", "tokens"])
+    assert list(variants) == ["e2e:tokens", "e2e:mean_delta"]
+    assert hypernet.config.multi_reference == "tokens"  # the original is untouched
+    assert variants["e2e:mean_delta"].head_B is hypernet.head_B
+    torch.manual_seed(1)
+    one, three = torch.rand(2, 1, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a, b = variants["e2e:tokens"](one), variants["e2e:mean_delta"](one)
+        name = next(iter(a))
+        torch.testing.assert_close(a[name].delta(), b[name].delta())  # k = 1: the same LoRA
+        a, b = variants["e2e:tokens"](three), variants["e2e:mean_delta"](three)
+        assert b[name].A.shape[-2] == 3 * a[name].A.shape[-2]  # mean_delta: rank k·r
+        assert not torch.allclose(a[name].delta(), b[name].delta())
+    with pytest.raises(ConfigError, match="'median'"):
+        ev.multi_reference_variants({"e2e": hypernet}, ["median"])
+
+
+def test_cli_multi_reference_rows(tiny_world_model, oracles_dir, hypernet_dir, capsys):
+    args = [
+        "world", "eval-personalization", "--model", str(tiny_world_model), "--oracles", str(oracles_dir),
+        "--hypernet", str(hypernet_dir), "--num-identities", "1", "--prompts", "1", "--steps", "1",
+        "--refs", "3", "--multi-reference", "tokens,mean_delta",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| e2e:tokens k=3 cfg g=3 |" in printed and "| e2e:mean_delta k=3 cfg g=3 |" in printed
+
+
+def test_cli_dreambooth_rows_fine_tune_once_and_reuse_the_cache(tiny_world_model, oracles_dir, hypernet_dir, tmp_path, capsys):
+    cache = tmp_path / "db"
+    args = [
+        "world", "eval-personalization", "--model", str(tiny_world_model), "--oracles", str(oracles_dir),
+        "--hypernet", str(hypernet_dir), "--num-identities", "2", "--prompts", "1", "--steps", "1",
+        "--dreambooth-steps", "2", "--dreambooth-cache", str(cache), "--json",
+    ]
+    assert main([*args, str(tmp_path / "a.json")]) == 0
+    assert "| dreambooth-lora-2 cfg g=3 |" in capsys.readouterr().out
+    files = sorted(cache.glob("dreambooth-*.safetensors"))
+    assert len(files) == 2  # one LoRA per identity
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert main([*args, str(tmp_path / "b.json")]) == 0
+    assert [f.stat().st_mtime_ns for f in sorted(cache.glob("*.safetensors"))] == stamps  # reused, not fine-tuned again
+    rows = [{r["label"]: r for r in json.loads((tmp_path / n).read_text())["rows"]} for n in ("a.json", "b.json")]
+    db = "dreambooth-lora-2 cfg g=3"
+    assert rows[0][db]["subject"] == rows[1][db]["subject"] and rows[0][db]["hypernet_ms_per_subject"] > 0
+    assert rows[0][db]["hypernet_ms_per_subject"] == pytest.approx(rows[1][db]["hypernet_ms_per_subject"], rel=1e-3)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -213,6 +263,8 @@ def test_cli_sweep_writes_table_json_and_plot(tiny_world_model, oracles_dir, hyp
         (["--w-base", "1,2", "--w-pers", "1,2,3"], "differ in length"),
         (["--w-pers", "-1"], "-1"),
         (["--refs", "1,0"], "--refs"),
+        (["--dreambooth-steps", "0"], "--dreambooth-steps"),
+        (["--multi-reference", "median"], "median"),
         (["--json", "{tmp}/no/such/out.json"], "no/such"),
     ],
 )

@@ -46,8 +46,10 @@ def test_shipped_oracles_load_and_separate_identities():
 
     oracles = Oracles.load()
     figures = evaluate_oracles(oracles.identity, oracles.context, n=100)
-    assert figures["identity_roc_auc"] > 0.9  # a regression guard (500 identities: 0.971; the goal 0.98 is not met yet)
-    assert figures["background_accuracy"] > 0.9
+    # regression guards on 100 held-out identities, below the 500-identity figures (ROC-AUC 0.994, class 0.998,
+    # recolour 0.980) by about their sampling error; the goals are 0.98 and 0.97 on 500
+    assert figures["identity_roc_auc"] > 0.95  # 100 identities: 0.980
+    assert min(figures[f"{h}_accuracy"] for h in ("class", "background", "recolor", "accessory")) > 0.93
     assert (SHIPPED_ORACLES / "oracles.json").is_file()
 
 

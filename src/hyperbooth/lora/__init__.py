@@ -10,7 +10,7 @@ from hyperbooth.lora.inject import (
     target_shapes,
 )
 from hyperbooth.lora.io import FORMATS, LoRAFile, load_lora, save_lora
-from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine, frobenius_sq
+from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine, frobenius_sq, stack
 
 __all__ = [
     "DEFAULT_TEXT_ENCODER_TARGETS",
@@ -27,5 +27,6 @@ __all__ = [
     "frobenius_sq",
     "load_lora",
     "save_lora",
+    "stack",
     "target_shapes",
 ]

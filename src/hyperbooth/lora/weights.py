@@ -273,3 +273,24 @@ def combine(weights: Sequence[LoRAWeights], coeffs: Sequence[float]) -> LoRAWeig
         B = torch.cat([p.B * (c * p.scale) for p, c in zip(parts, coeffs)], dim=2)  # (N, d_out, Σr)
         layers[name] = LoRALayer(A, B, float(A.shape[1]))
     return LoRAWeights(layers)
+
+
+def stack(weights: Sequence[LoRAWeights]) -> LoRAWeights:
+    """The subjects of several LoRAs as one: ``N = Σ N_i`` in order (e.g. per-subject fine-tuned LoRAs batched for
+    per-sample injection). All must name the same modules with the same rank per module; each one's ``alpha / r`` is
+    folded into its ``B`` (scale 1), so LoRAs with other alphas stack exactly."""
+    if not weights:
+        raise ConfigError("stack needs at least one LoRA")
+    names = list(weights[0])
+    for i, w in enumerate(weights[1:], start=1):
+        if set(w) != set(names):
+            missing = sorted(set(names) ^ set(w))
+            raise ConfigError(f"LoRA {i} targets other modules than LoRA 0 (first difference: {missing[0]!r})")
+        for name in names:
+            if w[name].rank != weights[0][name].rank:
+                raise ConfigError(f"LoRA {i} has rank {w[name].rank} on {name!r}, LoRA 0 has rank {weights[0][name].rank}")
+    layers = {}
+    for name in names:
+        parts = [w[name].with_unit_scale() for w in weights]
+        layers[name] = LoRALayer(torch.cat([p.A for p in parts]), torch.cat([p.B for p in parts]), float(parts[0].rank))
+    return LoRAWeights(layers)

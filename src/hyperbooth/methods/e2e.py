@@ -131,13 +131,17 @@ class E2EHyperNetwork(nn.Module):
 
     # -- files ------------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: str | os.PathLike, extra: dict | None = None) -> Path:
-        """A folder: ``hypernet_config.json`` (method, config, target shapes) + ``hypernet.safetensors``."""
+    def save_pretrained(self, folder: str | os.PathLike, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+        """A folder: ``hypernet_config.json`` (method, config, target shapes) + ``hypernet.safetensors``. ``dtype``
+        (e.g. ``torch.float16``) stores the floating-point weights in that type, half the size for fp16;
+        :meth:`from_pretrained` loads them back into the model's own (fp32) parameters."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"hyperbooth.method": METHOD}))
         meta = {"method": METHOD, "config": asdict(self.config), "target_shapes": self.target_shapes, **(extra or {})}
         atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))

@@ -70,6 +70,9 @@ def register(subparsers) -> None:
     pers.add_argument("--hypernet", type=Path, action="append", default=None, help="hypernetwork folder; repeat to compare several (default: the shipped e2e one)")
     pers.add_argument("--label", action="append", default=None, help="row label of each --hypernet, in order")
     pers.add_argument("--refs", default="1", help="reference images per subject, a list (e.g. 1,3)")
+    pers.add_argument("--dreambooth-steps", default=None, help="also rows for DreamBooth-LoRA fine-tuned per identity for these step counts, a list (e.g. 400): the ceiling")
+    pers.add_argument("--dreambooth-cache", type=Path, default=None, help="folder keeping the fine-tuned LoRAs (and their seconds) for reruns")
+    pers.add_argument("--multi-reference", default=None, help="ways to combine several references to compare, a list of tokens,mean_delta (default: each hypernetwork's own)")
     pers.add_argument("--num-identities", type=_int, default=50)
     pers.add_argument("--prompts", type=_int, default=6, help="evaluation prompts per identity")
     pers.add_argument("--steps", type=_int, default=25)
@@ -203,6 +206,12 @@ def _eval_personalization(args: argparse.Namespace) -> int:
     base = WorldBaseModel.from_pretrained(args.model)
     for folder, hypernet in zip(folders, hypernets.values()):
         ev.check_hypernetwork(hypernet, base, folder)
+    if args.multi_reference:
+        hypernets = ev.multi_reference_variants(hypernets, [m.strip() for m in args.multi_reference.split(",") if m.strip()])
+    for n in _numbers(args.dreambooth_steps, "--dreambooth-steps", int) if args.dreambooth_steps else []:
+        if n < 1:
+            raise ConfigError(f"--dreambooth-steps={args.dreambooth_steps!r}: every step count must be at least 1")
+        hypernets[f"dreambooth-lora-{n}"] = ev.DreamBoothLoRA(base, n, cache=args.dreambooth_cache, seed=args.seed)
     oracles = Oracles.load(args.oracles)
     rows = ev.personalization_rows(list(hypernets), refs, scales, pairs)
     result = ev.evaluate_personalization(

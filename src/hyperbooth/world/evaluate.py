@@ -386,6 +386,26 @@ def load_hypernetworks(folders: Sequence[str | os.PathLike], labels: Sequence[st
     return out
 
 
+def multi_reference_variants(hypernets: Mapping, modes: Sequence[str]) -> dict:
+    """label → hypernetwork for every hypernetwork and every way of combining several references (``"tokens"``:
+    average the encoder tokens before the decoder; ``"mean_delta"``: average the predicted ΔW). The variants share
+    their weights; only ``config.multi_reference`` differs. Labels become ``"<label>:<mode>"``."""
+    import copy
+    import dataclasses
+
+    modes = list(dict.fromkeys(modes))
+    for mode in modes:
+        if mode not in ("tokens", "mean_delta"):
+            raise ConfigError(f"multi-reference mode {mode!r} must be 'tokens' or 'mean_delta'")
+    out = {}
+    for label, hypernet in hypernets.items():
+        for mode in modes:
+            variant = copy.copy(hypernet)  # shares parameters and submodules
+            variant.config = dataclasses.replace(hypernet.config, multi_reference=mode)
+            out[f"{label}:{mode}"] = variant
+    return out
+
+
 def check_hypernetwork(hypernet, base: WorldBaseModel, source) -> None:
     """Raise :class:`CheckpointError` naming ``source`` unless the hypernetwork emits the LoRA shapes of ``base``'s UNet."""
     from hyperbooth.lora.inject import target_shapes
@@ -394,6 +414,71 @@ def check_hypernetwork(hypernet, base: WorldBaseModel, source) -> None:
     if wanted != hypernet.target_shapes:
         first = sorted(set(wanted.items()) ^ set(hypernet.target_shapes.items()))[0]
         raise CheckpointError(f"hypernetwork {source} was built for another UNet than {base.path} (first difference: {first[0]!r})")
+
+
+class DreamBoothLoRA:
+    """The ceiling baseline as a row of the table: DreamBooth-LoRA (:func:`hyperbooth.finetune.finetune`, the diffusers
+    recipe: rank 4 on the attention projections, lr 1e-4, batch 1, ``steps`` steps) fine-tuned on each subject's
+    reference images, called like a hypernetwork plus the subjects' class names.
+
+    ``cache``: a folder where each subject's LoRA is kept as ``dreambooth-<hash>.safetensors`` (the hash covers the
+    reference pixels, the class and the settings) with its fine-tuning seconds in the header, so a rerun, or another
+    table over the same identities, reuses it. ``seconds_per_subject`` holds the mean fine-tuning time of the last call
+    (measured when the LoRA was made, read back from the header for cached ones)."""
+
+    kind = "dreambooth-lora"
+
+    def __init__(self, base: WorldBaseModel, steps: int = 400, cache: str | os.PathLike | None = None, seed: int = 0, progress: bool = True):
+        from hyperbooth.finetune import FinetuneConfig
+
+        self.base, self.steps, self.seed, self.progress = base, _check_positive(steps, "dreambooth steps"), seed, progress
+        self.config = FinetuneConfig(steps=steps, seed=seed)
+        self.config.validate()
+        self.cache = Path(cache) if cache is not None else None
+        if self.cache is not None and self.cache.exists() and not self.cache.is_dir():
+            raise ConfigError(f"DreamBooth-LoRA cache {str(self.cache)!r} is not a folder")
+        self.seconds_per_subject = float("nan")
+
+    def eval(self) -> DreamBoothLoRA:  # the hypernetworks' interface
+        return self
+
+    def _key(self, refs: torch.Tensor, class_name: str) -> str:
+        import hashlib
+        import json
+        from dataclasses import asdict
+
+        h = hashlib.sha256(refs.detach().cpu().float().contiguous().numpy().tobytes())
+        h.update(json.dumps({"class": class_name, "base": str(self.base.path), **asdict(self.config)}, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:20]
+
+    def __call__(self, references: torch.Tensor, class_names: Sequence[str]):
+        """``references (N, k, 3, H, W)`` → LoRAWeights with N subjects (each fine-tuned on its k images)."""
+        from hyperbooth.finetune import METHOD, finetune
+        from hyperbooth.lora import load_lora, save_lora, stack
+
+        if references.ndim != 5 or len(class_names) != references.shape[0]:
+            raise ConfigError(f"DreamBooth-LoRA needs references (N, k, 3, H, W) and N class names; got {tuple(references.shape)} and {len(class_names)}")
+        if self.cache is not None:
+            self.cache.mkdir(parents=True, exist_ok=True)
+        subjects, seconds = [], []
+        for i, class_name in enumerate(class_names):
+            path = self.cache / f"dreambooth-{self._key(references[i], class_name)}.safetensors" if self.cache is not None else None
+            if path is not None and path.is_file():
+                loaded = load_lora(path, self.base.unet)
+                weights, spent = loaded.unet, float(loaded.metadata.get("hyperbooth.finetune_seconds", "nan"))
+            else:
+                with torch.enable_grad():
+                    weights, stats = finetune(self.base, references[i], class_name, self.config)
+                spent = stats.seconds
+                if path is not None:
+                    save_lora(path, weights, models={"unet": self.base.unet}, method=METHOD, base_model=str(self.base.path),
+                              extra_metadata={"hyperbooth.finetune_seconds": f"{spent:.4f}", "hyperbooth.finetune_steps": str(self.steps)})
+            subjects.append(weights)
+            seconds.append(spent)
+            if self.progress:
+                log.info("DreamBooth-LoRA subject %d/%d (%s): %.1f s", i + 1, len(class_names), class_name, spent)
+        self.seconds_per_subject = sum(seconds) / len(seconds)
+        return stack(subjects)
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -521,6 +606,10 @@ def evaluate_personalization(
     for label, k in dict.fromkeys((row.hypernet, row.refs) for row in rows if row.kind != "floor"):
         hypernet = hypernets[label].eval()
         refs = references[:, :k]  # (N, k, 3, H, W)
+        if isinstance(hypernet, DreamBoothLoRA):  # fine-tuned per subject; its own clock
+            weights[label, k] = hypernet(refs, [identity_class(s) for s in seeds]).detach()
+            hyper_ms[label, k] = hypernet.seconds_per_subject * 1e3
+            continue
         hypernet(refs[:1])  # warm-up, not timed
         t0 = time.perf_counter()
         weights[label, k] = hypernet(refs).detach()  # N subjects in one pass
@@ -594,7 +683,7 @@ def personalization_table(result: Mapping) -> str:
         ("background", "prompt_background", 3), ("recolour", "prompt_recolor", 3), ("hat", "prompt_accessory", 3),
         ("class", "prompt_class", 3), ("subject · recolour prompts", "subject_recolor", 3),
         ("prompt · recolour prompts", "prompt_recolor", 3), ("s / image", "seconds_per_image", 3),
-        ("hypernet ms / subject", "hypernet_ms_per_subject", 1),
+        ("personalize ms / subject", "hypernet_ms_per_subject", 1),
     )
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "|".join("---" if c[2] is None else "---:" for c in columns) + "|"]
     for row in result["rows"]:

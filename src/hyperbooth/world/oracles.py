@@ -39,7 +39,7 @@ from hyperbooth.world.splits import identity_seeds
 log = logging.getLogger(__name__)
 
 SHIPPED_ORACLES = Path(__file__).resolve().parent.parent / "assets" / "world" / "oracles"
-RETRAIN_HINT = "retrain them with `hyperbooth world train-oracles` (a few minutes on 2 CPU cores)"
+RETRAIN_HINT = "retrain them with `hyperbooth world train-oracles` (about an hour on one CPU core)"
 HEADS = ("class", "background", "recolor", "accessory")
 
 
@@ -149,12 +149,12 @@ def context_batch(seeds: list[int], rng: np.random.Generator, resolution: int = 
 
 @dataclass
 class OracleTrainConfig:
-    steps: int = 800
+    steps: int = 2000
     batch_identities: int = 64  # identity encoder: identities per batch (x2 views)
     batch_size: int = 128  # context classifier
-    pool_identities: int = 5000  # renders made once, then sampled with augmentation
+    pool_identities: int = 6000  # renders made once, then sampled with augmentation
     pool_views: int = 4
-    pool_contexts: int = 20000
+    pool_contexts: int = 24000
     lr: float = 2e-3
     temperature: float = 0.1
     seed: int = 0

@@ -251,6 +251,16 @@ class LoRAWeights(Mapping[str, LoRALayer]):
         return combine([self, other], [1.0, 1.0])
 
 
+def _same_targets(weights: Sequence[LoRAWeights]) -> list[str]:
+    """The module names of ``weights[0]``, after checking every LoRA names the same modules."""
+    names = list(weights[0])
+    for i, w in enumerate(weights[1:], start=1):
+        if set(w) != set(names):
+            missing = sorted(set(names) ^ set(w))
+            raise ConfigError(f"LoRA {i} targets other modules than LoRA 0 (first difference: {missing[0]!r})")
+    return names
+
+
 def combine(weights: Sequence[LoRAWeights], coeffs: Sequence[float]) -> LoRAWeights:
     """``Σ_i c_i · ΔW_i`` as one LoRA, exactly, by concatenating factors along the rank axis.
 
@@ -259,11 +269,8 @@ def combine(weights: Sequence[LoRAWeights], coeffs: Sequence[float]) -> LoRAWeig
     """
     if len(weights) != len(coeffs) or not weights:
         raise ConfigError(f"combine needs as many coefficients as LoRAs, got {len(weights)} LoRAs and {len(coeffs)} coefficients")
-    names = list(weights[0])
+    names = _same_targets(weights)
     for i, w in enumerate(weights[1:], start=1):
-        if set(w) != set(names):
-            missing = sorted(set(names) ^ set(w))
-            raise ConfigError(f"LoRA {i} targets other modules than LoRA 0 (first difference: {missing[0]!r})")
         if w.num_subjects != weights[0].num_subjects:
             raise ConfigError(f"LoRA {i} has N={w.num_subjects}, LoRA 0 has N={weights[0].num_subjects}")
     layers = {}
@@ -281,11 +288,8 @@ def stack(weights: Sequence[LoRAWeights]) -> LoRAWeights:
     folded into its ``B`` (scale 1), so LoRAs with other alphas stack exactly."""
     if not weights:
         raise ConfigError("stack needs at least one LoRA")
-    names = list(weights[0])
+    names = _same_targets(weights)
     for i, w in enumerate(weights[1:], start=1):
-        if set(w) != set(names):
-            missing = sorted(set(names) ^ set(w))
-            raise ConfigError(f"LoRA {i} targets other modules than LoRA 0 (first difference: {missing[0]!r})")
         for name in names:
             if w[name].rank != weights[0][name].rank:
                 raise ConfigError(f"LoRA {i} has rank {w[name].rank} on {name!r}, LoRA 0 has rank {weights[0][name].rank}")

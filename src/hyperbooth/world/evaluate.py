@@ -431,8 +431,8 @@ class DreamBoothLoRA:
     def __init__(self, base: WorldBaseModel, steps: int = 400, cache: str | os.PathLike | None = None, seed: int = 0, progress: bool = True):
         from hyperbooth.finetune import FinetuneConfig
 
-        self.base, self.steps, self.seed, self.progress = base, _check_positive(steps, "dreambooth steps"), seed, progress
-        self.config = FinetuneConfig(steps=steps, seed=seed)
+        self.base, self.progress = base, progress
+        self.config = FinetuneConfig(steps=_check_positive(steps, "dreambooth steps"), seed=seed)
         self.config.validate()
         self.cache = Path(cache) if cache is not None else None
         if self.cache is not None and self.cache.exists() and not self.cache.is_dir():
@@ -472,7 +472,7 @@ class DreamBoothLoRA:
                 spent = stats.seconds
                 if path is not None:
                     save_lora(path, weights, models={"unet": self.base.unet}, method=METHOD, base_model=str(self.base.path),
-                              extra_metadata={"hyperbooth.finetune_seconds": f"{spent:.4f}", "hyperbooth.finetune_steps": str(self.steps)})
+                              extra_metadata={"hyperbooth.finetune_seconds": f"{spent:.4f}", "hyperbooth.finetune_steps": str(self.config.steps)})
             subjects.append(weights)
             seconds.append(spent)
             if self.progress:

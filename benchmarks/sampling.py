@@ -3,13 +3,18 @@
 1. One denoising step for N subjects: CFG of the personalized model (``[P(∅); P(c)]``, one call of 2N rows),
    HM-CFG in one call (``[B(∅); B(c); P(c)]``, 3N rows, base rows carry no LoRA), and HM-CFG as three separate
    calls (what a pipeline without per-sample LoRA does). Ratio: each against CFG's step, paired per round.
-2. Personalization: images → ``LoRAWeights`` (the whole hypernetwork pass) and images → a ``.safetensors`` file,
+2. Whole images (``generate``): CFG, HM-CFG at every step, and HM-CFG with a timestep interval (the personalized
+   branch on the noisier steps only; the others run the base rows alone).
+3. Personalization: images → ``LoRAWeights`` (the whole hypernetwork pass) and images → a ``.safetensors`` file,
    against the image encoder's forward alone, paired per round.
 
 Runs on the shipped world models when they are there (``--random`` forces random weights of the same shapes).
+``--sd15`` adds the personalization latency at Stable Diffusion 1.5 scale: a CLIP ViT-L/14 vision encoder (the
+transformers architecture from its config, random weights, loaded with ``from_pretrained`` from a temp folder) and
+the same e2e decoder emitting LoRA for the SD 1.5 UNet's targets (shapes read from the UNet built on the meta device).
 Goals (issue "Generation"): HM-CFG in one call ≤ 1.35× CFG's step; personalization ≤ 2× the encoder's forward.
 
-    python benchmarks/sampling.py [--subjects 1 4] [--rounds 15] [--random]
+    python benchmarks/sampling.py [--subjects 1 4] [--rounds 15] [--random] [--interval 0.5 1] [--sd15]
 """
 
 from __future__ import annotations
@@ -90,6 +95,24 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
 
 
 @torch.inference_mode()
+def bench_image(base, hypernet, steps: int, rounds: int, interval: tuple[float, float]) -> dict:
+    """Whole images (``generate``, ``steps`` steps, one subject): CFG, HM-CFG every step, HM-CFG whose personalized
+    branch runs only for noise levels in ``interval`` (its other steps run the 2 base rows)."""
+    from hyperbooth.generate import generate
+
+    g = torch.Generator().manual_seed(0)
+    weights = hypernet(torch.rand(1, 1, 3, base.resolution, base.resolution, generator=g) * 2 - 1)
+    prompts = ["a sks toy in the snow"]
+    kw = dict(steps=steps, seed=0)
+    lo, hi = interval
+    return paired({
+        "CFG (merged LoRA)": lambda: generate(base, prompts, weights, guidance="cfg", **kw),
+        "HM-CFG, every step": lambda: generate(base, prompts, weights, guidance="hm-cfg", **kw),
+        f"HM-CFG, personalized branch for t/T in [{lo:g}, {hi:g}]": lambda: generate(base, prompts, weights, guidance="hm-cfg", pers_interval=interval, **kw),
+    }, rounds)
+
+
+@torch.inference_mode()
 def bench_personalize(base, hypernet, k: int, rounds: int) -> dict:
     g = torch.Generator().manual_seed(k)
     refs = torch.rand(1, k, 3, base.resolution, base.resolution, generator=g) * 2 - 1
@@ -107,12 +130,45 @@ def bench_personalize(base, hypernet, k: int, rounds: int) -> dict:
     return paired({"image encoder forward": encoder_only, "images → LoRAWeights": to_weights, "images → .safetensors file": to_file}, rounds)
 
 
+#: CLIP ViT-L/14 vision tower (openai/clip-vit-large-patch14, vision_config).
+CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768)
+
+
+def sd15_hypernet(like: torch.nn.Module, folder: Path):
+    """The e2e hypernetwork with the shipped decoder's settings, a CLIP ViT-L/14 encoder, targets of SD 1.5's UNet."""
+    from dataclasses import replace
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from hyperbooth.methods.e2e import E2EHyperNetwork
+    from hyperbooth.tiny import SD15_UNET_CONFIG
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_L14)).save_pretrained(folder)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    shapes = target_shapes(unet, like.config.targets)
+    return E2EHyperNetwork(replace(like.config, encoder=str(folder)), shapes).eval(), unet
+
+
+@torch.inference_mode()
+def bench_personalize_sd15(hypernet, k: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(k)
+    refs = torch.rand(1, k, 3, 512, 512, generator=g) * 2 - 1  # reference photos, resized by the encoder
+    return paired({"image encoder forward": lambda: hypernet.encoder(refs.flatten(0, 1)), "images → LoRAWeights": lambda: hypernet(refs)}, rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", type=int, nargs="+", default=[1, 4], help="N subjects sampled together")
     parser.add_argument("--refs", type=int, nargs="+", default=[1, 3], help="reference images per subject")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--random", action="store_true", help="random weights instead of the shipped models")
+    parser.add_argument("--image-steps", type=int, default=15, help="sampling steps of the whole-image rows")
+    parser.add_argument("--interval", type=float, nargs=2, default=(0.5, 1.0), metavar=("LO", "HI"), help="HM-CFG timestep interval of the whole-image row")
+    parser.add_argument("--sd15", action="store_true", help="also personalization latency at SD 1.5 scale (CLIP ViT-L/14 encoder)")
+    parser.add_argument("--sd15-rounds", type=int, default=5)
     args = parser.parse_args()
 
     base, hypernet = load_models(args.random)
@@ -123,10 +179,23 @@ def main() -> None:
     for n in args.subjects:
         for name, (ms, ratio) in bench_step(base, hypernet, n, args.rounds).items():
             print(f"| {n} | {name} | {ms:.1f} | {ratio:.3f}x |")
+    print(f"\n| one image, {args.image_steps} steps | ms (median) | ratio to CFG (median of paired rounds) |\n|---|---|---|")
+    for name, (ms, ratio) in bench_image(base, hypernet, args.image_steps, max(3, args.rounds // 3), tuple(args.interval)).items():
+        print(f"| {name} | {ms:.1f} | {ratio:.3f}x |")
     print("\n| references | personalization | ms (median) | ratio to the encoder (median of paired rounds) |\n|---|---|---|---|")
     for k in args.refs:
         for name, (ms, ratio) in bench_personalize(base, hypernet, k, args.rounds).items():
             print(f"| {k} | {name} | {ms:.1f} | {ratio:.3f}x |")
+    if args.sd15:
+        with tempfile.TemporaryDirectory() as folder:
+            big, unet = sd15_hypernet(hypernet, Path(folder))
+            decoder_params = sum(p.numel() for n, p in big.named_parameters() if not n.startswith("encoder.")) / 1e6
+            print(f"\nSD 1.5 scale: CLIP ViT-L/14 encoder ({sum(p.numel() for p in big.encoder.parameters()) / 1e6:.0f}M params, 224x224), "
+                  f"decoder {decoder_params:.1f}M params emitting rank {big.config.rank} for {len(big.names)} SD 1.5 UNet modules")
+            print("\n| references | personalization (SD 1.5 scale) | ms (median) | ratio to the encoder (median of paired rounds) |\n|---|---|---|---|")
+            for k in args.refs:
+                for name, (ms, ratio) in bench_personalize_sd15(big, k, args.sd15_rounds).items():
+                    print(f"| {k} | {name} | {ms:.1f} | {ratio:.3f}x |")
     print("goals: HM-CFG in one call <= 1.35x CFG's step; personalization <= 2x the encoder's forward")
 
 

@@ -43,6 +43,7 @@ def test_defaults_file_and_overrides(tmp_path):
         ("", ["inner.bogus=1"], "unknown config key 'inner.bogus'"),
         ("", ["inner.steps=abc"], "inner.steps='abc' must be an integer"),
         ("", ["inner.steps=0"], "inner.steps=0 must be at least 1"),
+        ("", ["inner.lr=fast"], "inner.lr='fast' must be a number"),
         ("", ["flag=maybe"], "flag='maybe' must be true or false"),
         ("", ["noequals"], "key=value"),
         ("- a\n- b\n", [], "mapping at the top level"),
@@ -54,6 +55,14 @@ def test_bad_values_are_named(tmp_path, content, overrides, match):
     path.write_text(content)
     with pytest.raises(ConfigError, match=match):
         load_config(Outer, path, overrides)
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads 1e-3 (no dot) as a string; a float field takes it as the number, from a file or an override
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  lr: 2e-4\n")
+    assert load_config(Outer, path).inner.lr == 2e-4
+    assert load_config(Outer, path, ["inner.lr=1e-3"]).inner.lr == 1e-3
 
 
 def test_missing_file():

@@ -27,6 +27,38 @@ def test_hm_cfg_with_w_pers_zero_is_base_cfg(base):
     torch.testing.assert_close(hm, plain, rtol=1e-4, atol=1e-5)
 
 
+def test_hm_cfg_timestep_schedule(base):
+    from hyperbooth.guidance import check_interval, pers_active
+    from hyperbooth.sampling import make_scheduler
+
+    prompts, w = ["a sks toy in the snow", "a sks vase"], _lora(base, 2)
+    kw = dict(guidance="hm-cfg", w_base=2.0, w_pers=2.0, steps=4, seed=3)
+    always = generate(base, prompts, w, **kw)
+    torch.testing.assert_close(generate(base, prompts, w, pers_interval=(0.0, 1.0), **kw), always)
+    # which steps run the personalized rows: the noise level t/T of each of the scheduler's timesteps
+    sampler = make_scheduler("dpm++", base.scheduler)
+    sampler.set_timesteps(4)
+    T = sampler.config.num_train_timesteps
+    expected = [3 * len(prompts) if pers_active(t, T, (0.5, 1.0)) else 2 * len(prompts) for t in sampler.timesteps]
+    assert 0 < expected.count(6) < 4  # the interval splits this schedule
+    batches = []
+    handle = base.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        half = generate(base, prompts, w, pers_interval=(0.5, 1.0), **kw)
+    finally:
+        handle.remove()
+    assert batches == expected
+    assert (half - always).abs().max() > 1e-3
+    # an interval no timestep falls in: every step is base CFG with w_base (w_pers = 0)
+    assert all(t > 0 for t in sampler.timesteps)
+    never = generate(base, prompts, w, pers_interval=(0.0, 0.0), **kw)
+    torch.testing.assert_close(never, generate(base, prompts, None, guidance_scale=2.0, steps=4, seed=3), rtol=1e-4, atol=1e-5)
+    for bad in ((0.5, 0.2), (-0.1, 1.0), (0.0, float("nan")), (1,)):
+        with pytest.raises(ConfigError, match="pers_interval"):
+            generate(base, prompts, w, pers_interval=bad, **kw)
+    assert check_interval(["0.2", 1]) == (0.2, 1.0)
+
+
 def test_one_call_branches_equal_separate_calls(base):
     w = _lora(base, 2)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -220,6 +252,8 @@ def test_cli_lora_and_mix_write_one_grid(tiny_world_model, assets, tmp_path):
         (["--guidance", "pag"], "'pag'"),
         (["--num-images", "0"], "0"),
         (["--w-pers", "nan"], "nan"),
+        (["--pers-interval", "0.8,0.2"], "0.8,0.2"),
+        (["--pers-interval", "half"], "'half'"),
         (["--out", "{tmp}/missing/grid.png"], "missing"),
         (["--out", "{tmp}/missing/deeper/"], "missing"),
         (["--out", "{tmp}/grid.jpg"], "grid.jpg"),

@@ -29,7 +29,7 @@ import torch
 
 from hyperbooth.errors import CheckpointError, ConfigError, LoRAFileError
 from hyperbooth.files import atomic_write
-from hyperbooth.guidance import cfg, hm_cfg
+from hyperbooth.guidance import DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, cfg, check_interval, hm_cfg, parse_interval, pers_active
 from hyperbooth.lora.inject import LoRAInjector, check_compatible
 from hyperbooth.lora.weights import LoRAWeights, combine
 from hyperbooth.sampling import DEFAULT_SCHEDULER, SCHEDULERS, denoise, make_scheduler
@@ -40,8 +40,6 @@ GUIDANCE = ("cfg", "hm-cfg")
 #: Defaults of the CLI, the demo and :func:`generate`; set from the measured HM-CFG sweep.
 DEFAULT_GUIDANCE = "hm-cfg"
 DEFAULT_GUIDANCE_SCALE = 3.0
-DEFAULT_W_BASE = 3.0
-DEFAULT_W_PERS = 1.0
 DEFAULT_STEPS = 25
 UPSCALE = 4  # grid cells: 32x32 images → 128x128, nearest neighbour
 
@@ -61,6 +59,7 @@ def generate(
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     w_base: float = DEFAULT_W_BASE,
     w_pers: float = DEFAULT_W_PERS,
+    pers_interval: tuple[float, float] = DEFAULT_PERS_INTERVAL,
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
     scheduler: str = DEFAULT_SCHEDULER,
@@ -71,7 +70,9 @@ def generate(
     """One image per prompt; ``(N, 3, H, W)`` float32 on the CPU in [-1, 1].
 
     ``weights``: one subject for every prompt, or N subjects (prompt ``i`` with subject ``i``); ``None`` samples the
-    base model with CFG. ``guidance_scale`` is CFG's scale; ``w_base``/``w_pers`` are HM-CFG's. The UNet runs on its
+    base model with CFG. ``guidance_scale`` is CFG's scale; ``w_base``/``w_pers`` are HM-CFG's, and ``pers_interval``
+    its timestep schedule (:func:`~hyperbooth.guidance.pers_active`: outside it a step runs the base rows alone,
+    with ``w_pers = 0``). The UNet runs on its
     own device and dtype; the initial noise is drawn on the CPU from ``seed``, so one seed gives one image.
     ``callback(i, t, x_t)`` runs after every step; ``progress`` shows a bar.
     """
@@ -79,6 +80,7 @@ def generate(
         raise ConfigError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE)}")
     for name, value in (("guidance_scale", guidance_scale), ("w_base", w_base), ("w_pers", w_pers), ("lora_scale", lora_scale)):
         _check_finite(name, value)
+    pers_interval = check_interval(pers_interval)
     n = len(prompts)
     if n == 0:
         raise ConfigError("no prompts given")
@@ -98,7 +100,15 @@ def generate(
     dtype = unet.dtype
     states = states.to(dtype)
 
+    sampler = make_scheduler(scheduler, base.scheduler)
+    num_train_timesteps = sampler.config.num_train_timesteps
+    injector = LoRAInjector(unet)
+
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if branches == 3 and not pers_active(t[0], num_train_timesteps, pers_interval):  # w_pers = 0: base rows only
+            with injector.disabled():
+                pred = unet(x_t.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), encoder_hidden_states=states[: 2 * n], encoder_attention_mask=None if mask is None else mask[: 2 * n]).sample
+            return cfg(*pred.to(x_t.dtype).chunk(2), w_base)
         x_in = x_t.to(dtype).repeat(branches, 1, 1, 1)  # (branches·N, C, H, W) in the UNet's dtype
         pred = unet(x_in, t.repeat(branches), encoder_hidden_states=states, encoder_attention_mask=mask).sample.to(x_t.dtype)
         parts = pred.chunk(branches)
@@ -106,10 +116,9 @@ def generate(
             return cfg(parts[0], parts[1], guidance_scale)
         return hm_cfg(parts[0], parts[1], parts[2], w_base, w_pers)
 
-    sampler = make_scheduler(scheduler, base.scheduler)
     shape = (n, unet.config.in_channels, base.resolution, base.resolution)
     generator = torch.Generator().manual_seed(seed)
-    lora = nullcontext() if weights is None else LoRAInjector(unet).apply(weights, mode=mode, rows=rows, scale=lora_scale)
+    lora = nullcontext() if weights is None else injector.apply(weights, mode=mode, rows=rows, scale=lora_scale)
     with lora:  # x_t stays float32; the UNet runs in its own dtype
         x = denoise(model_fn, sampler, shape, steps, generator=generator, device=unet.device, callback=callback, progress=progress)
     return x.float().clamp(-1, 1).cpu()
@@ -250,6 +259,8 @@ def register(subparsers) -> None:
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="CFG scale (cfg, and the base model)")
     parser.add_argument("--w-base", type=float, default=DEFAULT_W_BASE, help="HM-CFG weight of the base model's text direction")
     parser.add_argument("--w-pers", type=float, default=DEFAULT_W_PERS, help="HM-CFG weight of the personalized model's direction")
+    parser.add_argument("--pers-interval", default="0,1", metavar="LO,HI",
+                        help="HM-CFG timestep schedule: the personalized branch runs for noise levels t/T in [LO, HI] (default 0,1: every step)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="ΔW → s·ΔW")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--seed", type=int, default=0)
@@ -300,6 +311,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--num-images must be at least 1, got {args.num_images}")
     if args.guidance not in GUIDANCE:
         raise ConfigError(f"unknown --guidance {args.guidance!r}; choose one of {', '.join(GUIDANCE)}")
+    args.pers_interval = parse_interval(args.pers_interval)
     if args.scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     for name in ("guidance_scale", "w_base", "w_pers", "lora_scale"):
@@ -341,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
     for s in seeds:
         images[s] = generate(
             base, args.prompt, weights, guidance=args.guidance, guidance_scale=args.guidance_scale, w_base=args.w_base,
-            w_pers=args.w_pers, steps=args.steps, seed=s, scheduler=args.scheduler, lora_scale=args.lora_scale,
+            w_pers=args.w_pers, pers_interval=args.pers_interval, steps=args.steps, seed=s, scheduler=args.scheduler, lora_scale=args.lora_scale,
             progress=args.progress,
         )
     seconds = (time.perf_counter() - t0) / (len(seeds) * len(args.prompt))

@@ -88,6 +88,25 @@ def test_rows_without_lora_match_base_and_repeat_rule(unet):
     torch.testing.assert_close(mixed[1], explicit[1], rtol=1e-4, atol=1e-5)
 
 
+def test_disabled_switches_hooked_lora_off_for_any_batch(unet):
+    x_t, t, cond = _inputs(3)
+    w = _lora(unet, 1)
+    base = _eps(unet, x_t, t, cond)
+    injector = LoRAInjector(unet)
+    with injector.apply(w, mode="per_sample", rows=[-1, 0, 0]):
+        on = _eps(unet, x_t, t, cond)
+        with injector.disabled():  # a batch of another size than the rows: the base model's output
+            off = _eps(unet, x_t[:2], t[:2], cond[:2])
+        again = _eps(unet, x_t, t, cond)
+    torch.testing.assert_close(off, base[:2], rtol=1e-5, atol=1e-6)
+    assert (on[1:] - base[1:]).abs().max() > 1e-3
+    torch.testing.assert_close(again, on, rtol=1e-6, atol=1e-7)  # on again after the block
+    with injector.apply(w, mode="merged"):
+        with pytest.raises(ConfigError, match="merged"):
+            with injector.disabled():
+                pass
+
+
 def test_merged_equals_unmerged_and_restores_bit_exactly(unet):
     x_t, t, cond = _inputs(2)
     before = {k: v.clone() for k, v in unet.state_dict().items()}

@@ -84,6 +84,10 @@ def test_rows_and_weight_pairs():
         ev.RowSpec("pag")
     with pytest.raises(ConfigError, match="refs=0"):
         ev.RowSpec("cfg", "e2e", refs=0)
+    timed = ev.personalization_rows(["e2e"], guidance_scales=[3], hm_pairs=[(2, 2)], pers_intervals=[(0, 1), (0.5, 1)])
+    assert [r.label for r in timed][2:] == ["e2e hm-cfg w_base=2 w_pers=2", "e2e hm-cfg w_base=2 w_pers=2 τ∈[0.5,1]"]
+    with pytest.raises(ConfigError, match="pers_interval"):
+        ev.RowSpec("hm-cfg", "e2e", pers_interval=(1.0, 0.5))
 
 
 def test_hm_cfg_with_w_pers_zero_is_the_floor(base, hypernet_dir):
@@ -254,6 +258,48 @@ def test_cli_dreambooth_rows_fine_tune_once_and_reuse_the_cache(tiny_world_model
     assert rows[0][db]["hypernet_ms_per_subject"] == pytest.approx(rows[1][db]["hypernet_ms_per_subject"], rel=1e-3)
 
 
+def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_dir, hypernet_dir, tmp_path, capsys):
+    common = [
+        "world", "eval-personalization", "--model", str(tiny_world_model), "--oracles", str(oracles_dir),
+        "--hypernet", str(hypernet_dir), "--num-identities", "2", "--prompts", "2", "--steps", "2",
+    ]
+    assert main(common + ["--w-base", "3", "--w-pers", "1", "--json", str(tmp_path / "a.json")]) == 0
+    assert main(common + ["--w-base", "2", "--w-pers", "2", "--kinds", "hm-cfg", "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["settings"]["hypernet_folders"] == {"e2e": str(hypernet_dir)}
+    capsys.readouterr()
+
+    merged_path, plot = tmp_path / "merged.json", tmp_path / "merged.png"
+    assert main(["world", "merge-evals", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(merged_path), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    merged = json.loads(merged_path.read_text())
+    labels = [r["label"] for r in merged["rows"]]
+    # the shared rows (references, floor, e2e CFG: same seeds, same figures) once; both HM-CFG rows, w_base descending
+    assert labels == [r["label"] for r in a["rows"] if r["kind"] != "hm-cfg"] + ["e2e hm-cfg w_base=3 w_pers=1", "e2e hm-cfg w_base=2 w_pers=2"]
+    assert [c["hm_cfg"] for c in merged["comparison"]] == labels[-2:]
+    assert merged["rows"][-1]["subject"] == pytest.approx(b["rows"][-1]["subject"])
+    assert "| e2e hm-cfg w_base=2 w_pers=2 |" in printed and "At equal subject fidelity" in printed
+    assert Image.open(plot).format == "PNG"
+
+    assert [r["kind"] for r in b["rows"]] == ["references", "hm-cfg"]  # --kinds hm-cfg: no floor or CFG rows generated
+    kept = ev.merge_results([("a", a), ("b", b)], keep=["e2e"])
+    assert [r["label"] for r in kept["rows"]] == labels
+    with pytest.raises(ConfigError, match="no row of the hypernetworks"):
+        ev.merge_results([("a", a), ("b", b)], keep=["other"])
+    other = {**b, "settings": {**b["settings"], "steps": 3}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    changed = {**b, "rows": [{**r, "subject": (r["subject"] or 0) + 0.5} if r["kind"] == "references" else r for r in b["rows"]]}
+    (tmp_path / "changed.json").write_text(json.dumps(changed))
+    elsewhere = {**b, "settings": {**b["settings"], "hypernet_folders": {"e2e": "runs/another"}}}
+    (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
+    (tmp_path / "notjson.json").write_bytes(b"\x89PNG")
+    for name, message in (("other", "'steps' differs"), ("changed", "other figures"), ("elsewhere", "runs/another"), ("notjson", "not a JSON file"), ("missing", "cannot be read")):
+        assert main(["world", "merge-evals", str(tmp_path / "a.json"), str(tmp_path / f"{name}.json"), "--json", str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and f"{name}.json" in err, err
+        assert not (tmp_path / "bad.json").exists()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -265,6 +311,8 @@ def test_cli_dreambooth_rows_fine_tune_once_and_reuse_the_cache(tiny_world_model
         (["--refs", "1,0"], "--refs"),
         (["--dreambooth-steps", "0"], "--dreambooth-steps"),
         (["--multi-reference", "median"], "median"),
+        (["--pers-interval", "0.5,2"], "--pers-interval '0.5,2'"),
+        (["--kinds", "cfg,pag"], "pag"),
         (["--json", "{tmp}/no/such/out.json"], "no/such"),
     ],
 )

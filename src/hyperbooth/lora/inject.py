@@ -23,7 +23,7 @@ flow to ``A``/``B`` (a hypernetwork's output) and to nothing the caller has froz
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -105,10 +105,11 @@ def check_compatible(model: nn.Module, weights: LoRAWeights, source: str = "LoRA
     return resolved
 
 
-def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv: bool):
+def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv: bool, enabled: Callable[[], bool] = lambda: True):
     """A forward hook adding ``B (A x)`` per row. ``A (N, r, d_in)``, ``B (N, d_out, r)`` with the scale folded in.
 
     ``rows``: ``(batch,)`` subject index per row, -1 for none; ``None`` means row ``i`` uses subject ``i mod N``.
+    ``enabled()`` false: the module's own output (see :meth:`LoRAInjector.disabled`).
     """
     n = A.shape[0]
     if rows is not None:
@@ -117,6 +118,8 @@ def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv
         B_rows = B[rows.clamp(min=0)] * keep  # (batch, d_out, r)
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not enabled():
+            return output
         x = args[0]
         batch = x.shape[0]
         if rows is None and n == 1:  # one LoRA for every row: plain matmuls, no batch gather
@@ -155,6 +158,21 @@ class LoRAInjector:
     def __init__(self, model: nn.Module):
         self.model = model
         self._active = False
+        self._mode: str | None = None
+        self._enabled = True
+
+    @contextmanager
+    def disabled(self) -> Iterator[nn.Module]:
+        """Inside, the applied (hooked) LoRA is switched off and the model computes as the base model, for any batch
+        size; on exit it is on again. For steps that need only base-model rows (as PEFT's ``disable_adapter()``).
+        Merged weights cannot be switched off this way (they are in the weights): an error says so."""
+        if self._active and self._mode == "merged":
+            raise ConfigError("a merged LoRA cannot be disabled in place; apply it with mode='per_sample' or 'shared'")
+        previous, self._enabled = self._enabled, False
+        try:
+            yield self.model
+        finally:
+            self._enabled = previous
 
     @contextmanager
     def apply(
@@ -177,7 +195,7 @@ class LoRAInjector:
             rows = torch.as_tensor(rows, dtype=torch.long, device=weights.device)
             if rows.ndim != 1 or (rows >= weights.num_subjects).any() or (rows < -1).any():
                 raise ConfigError(f"row indices must be a 1-D list of subjects in [-1, {weights.num_subjects - 1}], got {rows.tolist()}")
-        self._active = True
+        self._active, self._mode = True, mode
         try:
             if mode == "merged":
                 with self._merged(weights, modules, scale):
@@ -186,7 +204,7 @@ class LoRAInjector:
                 with self._hooked(weights, modules, rows, scale):
                     yield self.model
         finally:
-            self._active = False
+            self._active, self._mode = False, None
 
     @contextmanager
     def _hooked(self, weights, modules, rows, scale):
@@ -199,7 +217,7 @@ class LoRAInjector:
                 B = (layer.B * (layer.scale * scale)).to(device=w.device, dtype=w.dtype)
                 r = None if rows is None else rows.to(w.device)
                 conv = isinstance(base_module(module), nn.Conv2d)
-                handles.append(module.register_forward_hook(_lora_hook(A, B, r, conv)))
+                handles.append(module.register_forward_hook(_lora_hook(A, B, r, conv, lambda: self._enabled)))
             yield
         finally:
             for handle in handles:

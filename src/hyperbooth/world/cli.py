@@ -10,6 +10,7 @@ import numpy as np
 
 from hyperbooth.errors import ConfigError
 from hyperbooth.files import atomic_write
+from hyperbooth.guidance import DEFAULT_W_BASE, DEFAULT_W_PERS, parse_interval
 
 
 def _int(value: str) -> int:
@@ -78,15 +79,33 @@ def register(subparsers) -> None:
     pers.add_argument("--steps", type=_int, default=25)
     pers.add_argument("--scheduler", default="dpm++")
     pers.add_argument("--guidance-scales", default=None, help="CFG scales of the floor and personalized-CFG rows (default 3; with --sweep 2,3,4)")
-    pers.add_argument("--w-base", default=None, help="HM-CFG w_base values (default 3; with --sweep 1,2,3,4)")
-    pers.add_argument("--w-pers", default=None, help="HM-CFG w_pers values (default 1; with --sweep 0.5,1,1.5,2)")
+    pers.add_argument("--w-base", default=None, help=f"HM-CFG w_base values (default {DEFAULT_W_BASE:g}; with --sweep 1,2,3,4)")
+    pers.add_argument("--w-pers", default=None, help=f"HM-CFG w_pers values (default {DEFAULT_W_PERS:g}; with --sweep 0.5,1,1.5,2)")
     pers.add_argument("--sweep", action="store_true", help="every (w_base, w_pers) pair instead of pairing the lists element by element")
+    pers.add_argument("--pers-interval", action="append", default=None, metavar="LO,HI",
+                      help="HM-CFG timestep schedule: the personalized branch runs for noise levels t/T in [LO, HI]; repeat for several rows (default 0,1: every step)")
+    pers.add_argument("--kinds", default="floor,cfg,hm-cfg",
+                      help="which rows to generate, a list of floor,cfg,hm-cfg (e.g. hm-cfg alone, to add HM-CFG settings to an earlier run with merge-evals)")
     pers.add_argument("--tolerance", type=float, default=0.02, help="subject-fidelity window of the HM-CFG vs CFG comparison")
     pers.add_argument("--batch-size", type=_int, default=48, help="prompts per generate call")
     pers.add_argument("--seed", type=_int, default=0)
     pers.add_argument("--json", type=Path, default=None, help="also write rows and comparison here")
     pers.add_argument("--plot", type=Path, default=None, help="also draw subject (x) vs prompt (y) fidelity here (PNG)")
     pers.set_defaults(func=_eval_personalization)
+
+    merge = sub.add_parser(
+        "merge-evals",
+        help="one table (and plot) from several eval-personalization --json files of the same protocol",
+        description="Rows of several eval-personalization runs (their --json files) as one table with the HM-CFG vs "
+        "CFG comparison recomputed, e.g. a sweep run in parts. The runs must share identities, prompts, steps, "
+        "scheduler and seed; a row label in two files must have the same figures.",
+    )
+    merge.add_argument("results", type=Path, nargs="+", help="eval-personalization --json files")
+    merge.add_argument("--keep", default=None, help="keep only these hypernetwork labels' rows (with the floor and the references), a list")
+    merge.add_argument("--tolerance", type=float, default=0.02, help="subject-fidelity window of the HM-CFG vs CFG comparison")
+    merge.add_argument("--json", type=Path, default=None, help="also write the merged rows and comparison here")
+    merge.add_argument("--plot", type=Path, default=None, help="also draw subject (x) vs prompt (y) fidelity here (PNG)")
+    merge.set_defaults(func=_merge_evals)
 
 
 def write_png(image: np.ndarray, out: Path) -> Path:
@@ -179,6 +198,33 @@ def _numbers(text: str, option: str, kind=float) -> list:
     return values
 
 
+def _merge_evals(args: argparse.Namespace) -> int:
+    from hyperbooth.world import evaluate as ev
+
+    for option, out in (("--json", args.json), ("--plot", args.plot)):
+        if out is not None and not out.parent.is_dir():
+            raise ConfigError(f"{option} {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    results = []
+    for path in args.results:
+        try:
+            results.append((str(path), json.loads(path.read_text())))
+        except OSError as e:
+            raise ConfigError(f"{str(path)!r} cannot be read ({e.strerror or type(e).__name__})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{str(path)!r} is not a JSON file ({type(e).__name__})") from None
+    keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else None
+    result = ev.merge_results(results, args.tolerance, keep=keep)
+    print(ev.personalization_table(result))
+    print()
+    print(ev.comparison_table(result["comparison"], args.tolerance))
+    if args.json:
+        text = json.dumps(ev.to_json(result), indent=2)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
+    if args.plot:
+        ev.plot_fidelity(result["rows"], args.plot)
+    return 0
+
+
 def _eval_personalization(args: argparse.Namespace) -> int:
     import time
 
@@ -192,9 +238,13 @@ def _eval_personalization(args: argparse.Namespace) -> int:
     if any(k < 1 for k in refs):
         raise ConfigError(f"--refs={args.refs!r}: every reference count must be at least 1")
     scales = [ev.check_weight(g, "--guidance-scales") for g in _numbers(args.guidance_scales or ("2,3,4" if args.sweep else "3"), "--guidance-scales")]
-    w_base = _numbers(args.w_base or ("1,2,3,4" if args.sweep else "3"), "--w-base")
-    w_pers = _numbers(args.w_pers or ("0.5,1,1.5,2" if args.sweep else "1"), "--w-pers")
+    w_base = _numbers(args.w_base or ("1,2,3,4" if args.sweep else f"{DEFAULT_W_BASE:g}"), "--w-base")
+    w_pers = _numbers(args.w_pers or ("0.5,1,1.5,2" if args.sweep else f"{DEFAULT_W_PERS:g}"), "--w-pers")
     pairs = ev.hm_cfg_pairs(w_base, w_pers, sweep=args.sweep)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or any(k not in ev.ROW_KINDS for k in kinds):
+        raise ConfigError(f"--kinds={args.kinds!r} must name some of {', '.join(ev.ROW_KINDS)}")
+    intervals = [parse_interval(text) for text in args.pers_interval or ["0,1"]]
     for option, value in (("--num-identities", args.num_identities), ("--prompts", args.prompts), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{option}={value} must be at least 1")
@@ -206,6 +256,7 @@ def _eval_personalization(args: argparse.Namespace) -> int:
     base = WorldBaseModel.from_pretrained(args.model)
     for folder, hypernet in zip(folders, hypernets.values()):
         ev.check_hypernetwork(hypernet, base, folder)
+    hypernet_folders = {label: str(folder) for label, folder in zip(hypernets, folders)}
     if args.multi_reference:
         hypernets = ev.multi_reference_variants(hypernets, [m.strip() for m in args.multi_reference.split(",") if m.strip()])
     for n in _numbers(args.dreambooth_steps, "--dreambooth-steps", int) if args.dreambooth_steps else []:
@@ -213,7 +264,7 @@ def _eval_personalization(args: argparse.Namespace) -> int:
             raise ConfigError(f"--dreambooth-steps={args.dreambooth_steps!r}: every step count must be at least 1")
         hypernets[f"dreambooth-lora-{n}"] = ev.DreamBoothLoRA(base, n, cache=args.dreambooth_cache, seed=args.seed)
     oracles = Oracles.load(args.oracles)
-    rows = ev.personalization_rows(list(hypernets), refs, scales, pairs)
+    rows = [r for r in ev.personalization_rows(list(hypernets), refs, scales, pairs, intervals) if r.kind in kinds]
     result = ev.evaluate_personalization(
         base, oracles, hypernets, rows, num_identities=args.num_identities, prompts_per_identity=args.prompts,
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, scheduler=args.scheduler, tolerance=args.tolerance,
@@ -226,6 +277,7 @@ def _eval_personalization(args: argparse.Namespace) -> int:
     print()
     print(f"{len(rows)} rows x {settings['images_per_row']} images ({settings['num_identities']} held-out identities x {settings['prompts_per_identity']} prompts), {args.steps} {args.scheduler} steps: {minutes:.1f} min")
     if args.json:
+        result["settings"]["hypernet_folders"] = hypernet_folders
         text = json.dumps(ev.to_json({**result, "elapsed_minutes": minutes}), indent=2)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     if args.plot:

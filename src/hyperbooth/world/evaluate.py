@@ -21,6 +21,7 @@ import torch
 
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.files import atomic_write
+from hyperbooth.guidance import DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, check_interval
 from hyperbooth.sampling import DEFAULT_SCHEDULER
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world.base_model import WorldBaseModel, to_uint8
@@ -282,8 +283,9 @@ class RowSpec:
     hypernet: str | None = None
     refs: int = 1
     guidance_scale: float = 3.0
-    w_base: float = 3.0
-    w_pers: float = 1.0
+    w_base: float = DEFAULT_W_BASE
+    w_pers: float = DEFAULT_W_PERS
+    pers_interval: tuple[float, float] = DEFAULT_PERS_INTERVAL
     class_prompt: bool | None = None
 
     def __post_init__(self) -> None:
@@ -295,6 +297,7 @@ class RowSpec:
             raise ConfigError(f"refs={self.refs!r} must be an integer of at least 1")
         for name in ("guidance_scale", "w_base", "w_pers"):
             check_weight(getattr(self, name), name)
+        object.__setattr__(self, "pers_interval", check_interval(self.pers_interval))  # frozen: normalise to floats
 
     @property
     def token(self) -> str | None:
@@ -308,6 +311,8 @@ class RowSpec:
         else:
             name = self.hypernet + (f" k={self.refs}" if self.refs != 1 else "")
             text = f"{name} cfg g={self.guidance_scale:g}" if self.kind == "cfg" else f"{name} hm-cfg w_base={self.w_base:g} w_pers={self.w_pers:g}"
+            if self.kind == "hm-cfg" and self.pers_interval != DEFAULT_PERS_INTERVAL:
+                text += " τ∈[{:g},{:g}]".format(*self.pers_interval)
         if self.class_prompt is not None and (self.token is None) != (self.kind == "floor"):
             text += " (class prompt)" if self.token is None else f" ({ctx.RARE_TOKEN} prompt)"
         return text
@@ -344,10 +349,11 @@ def personalization_rows(
     hypernets: Sequence[str],
     refs: Sequence[int] = (1,),
     guidance_scales: Sequence[float] = (3.0,),
-    hm_pairs: Sequence[tuple[float, float]] = ((3.0, 1.0),),
+    hm_pairs: Sequence[tuple[float, float]] = ((DEFAULT_W_BASE, DEFAULT_W_PERS),),
+    pers_intervals: Sequence[tuple[float, float]] = (DEFAULT_PERS_INTERVAL,),
 ) -> list[RowSpec]:
     """The rows of the table: the floor at each guidance scale, then for each hypernetwork and reference count its CFG
-    rows (each guidance scale) and HM-CFG rows (each ``(w_base, w_pers)`` pair)."""
+    rows (each guidance scale) and HM-CFG rows (each ``(w_base, w_pers)`` pair at each timestep interval)."""
     if not guidance_scales:
         raise ConfigError("guidance_scales must name at least one scale")
     if not refs:
@@ -356,7 +362,7 @@ def personalization_rows(
     for label in hypernets:
         for k in refs:
             rows += [RowSpec("cfg", label, k, guidance_scale=g) for g in guidance_scales]
-            rows += [RowSpec("hm-cfg", label, k, w_base=b, w_pers=p) for b, p in hm_pairs]
+            rows += [RowSpec("hm-cfg", label, k, w_base=b, w_pers=p, pers_interval=iv) for b, p in hm_pairs for iv in pers_intervals]
     return rows
 
 
@@ -533,7 +539,10 @@ def generate_row(
             x = generate(base, prompts, None, guidance_scale=row.guidance_scale, steps=steps, seed=seed + b, scheduler=scheduler)
         else:
             w = weights.select([it.subject for it in chunk])
-            x = generate(base, prompts, w, guidance=row.kind, guidance_scale=row.guidance_scale, w_base=row.w_base, w_pers=row.w_pers, steps=steps, seed=seed + b, scheduler=scheduler)
+            x = generate(
+                base, prompts, w, guidance=row.kind, guidance_scale=row.guidance_scale, w_base=row.w_base, w_pers=row.w_pers,
+                pers_interval=row.pers_interval, steps=steps, seed=seed + b, scheduler=scheduler,
+            )
         images.append(x)
     return torch.cat(images)
 
@@ -625,6 +634,7 @@ def evaluate_personalization(
             "hypernet": row.hypernet if personalized else None, "refs": row.refs if personalized else None,
             "guidance_scale": row.guidance_scale if row.kind != "hm-cfg" else None,
             "w_base": row.w_base if row.kind == "hm-cfg" else None, "w_pers": row.w_pers if row.kind == "hm-cfg" else None,
+            "pers_interval": list(row.pers_interval) if row.kind == "hm-cfg" else None,
             "images": len(items),
             **personalization_metrics(oracles, images, items),
             "seconds_per_image": seconds / len(items),
@@ -668,6 +678,59 @@ def compare_hm_cfg(rows: Sequence[Mapping], tolerance: float = 0.02) -> list[dic
             )
         out.append(entry)
     return out
+
+
+#: Settings that must agree for rows of several evaluation runs to sit in one table.
+MERGE_KEYS: tuple[str, ...] = ("num_identities", "prompts_per_identity", "steps", "seed", "scheduler", "identity_seeds")
+#: Row fields that stay as they are when read back from JSON (the others: null → NaN).
+TEXT_FIELDS: tuple[str, ...] = ("label", "kind", "hypernet", "refs", "guidance_scale", "w_base", "w_pers", "pers_interval")
+
+
+def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = 0.02, keep: Sequence[str] | None = None) -> dict:
+    """Rows of several :func:`evaluate_personalization` runs (``(source, result)`` pairs, e.g. read from their
+    ``--json`` files) as one result: the runs must share the protocol (:data:`MERGE_KEYS`) and, for a label they
+    share, the hypernetwork folder; a row whose label an earlier run already has is dropped when its figures are the
+    same and refused when they differ. ``keep``: only these hypernetwork labels' rows (and the floor and references).
+    The HM-CFG comparison is recomputed over the merged rows."""
+    if not results:
+        raise ConfigError("no evaluation results to merge")
+    first_source, first = results[0]
+    rows: dict[str, Mapping] = {}
+    folders: dict[str, str] = {}
+    for source, result in results:
+        if not isinstance(result, Mapping) or "rows" not in result or "settings" not in result:
+            raise ConfigError(f"{source}: not an eval-personalization result (no 'rows' and 'settings')")
+        for key in MERGE_KEYS:
+            if result["settings"].get(key) != first["settings"].get(key):
+                raise ConfigError(f"{source}: setting {key!r} differs from {first_source} ({result['settings'].get(key)!r} vs {first['settings'].get(key)!r}); only runs of one protocol can share a table")
+        for label, folder in (result["settings"].get("hypernet_folders") or {}).items():
+            if folders.setdefault(label, folder) != folder:
+                raise ConfigError(f"{source}: label {label!r} names hypernetwork {folder!r} here but {folders[label]!r} in an earlier file")
+        for row in result["rows"]:
+            row = {k: float("nan") if v is None and k not in TEXT_FIELDS else v for k, v in row.items()}  # JSON null → NaN
+            old = rows.get(row["label"])
+            if old is None:
+                rows[row["label"]] = row
+                continue
+            same = all((math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 for a, b in ((old[k], row[k]) for k in ("subject", "prompt")))
+            if not same:
+                raise ConfigError(f"{source}: row {row['label']!r} has other figures than in an earlier file (subject {row.get('subject')} vs {old.get('subject')}); label the runs apart")
+    # references and floor first; then each hypernetwork (in order of appearance): CFG rows, then HM-CFG by w_base, w_pers
+    kinds = {"references": 0, "floor": 1, "cfg": 2, "hm-cfg": 3}
+    models = list(dict.fromkeys(r.get("hypernet") for r in rows.values()))
+
+    def key(r):
+        kind = kinds.get(r.get("kind"), 4)
+        personalized = kind > 1
+        return (personalized, models.index(r.get("hypernet")), 0 if personalized else kind, r.get("refs") or 0, kind,
+                r.get("guidance_scale") or 0, -(r.get("w_base") or 0), r.get("w_pers") or 0)
+
+    kept = [r for r in rows.values() if keep is None or r.get("hypernet") is None or r.get("hypernet") in keep]
+    if keep is not None and not any(r.get("hypernet") in keep for r in kept):
+        raise ConfigError(f"no row of the hypernetworks {list(keep)} in {', '.join(src for src, _ in results)}")
+    merged = sorted(kept, key=key)
+    settings = {**first["settings"], "tolerance": tolerance, "hypernet_folders": folders, "merged_from": [src for src, _ in results]}
+    return {"rows": merged, "comparison": compare_hm_cfg(merged, tolerance), "settings": settings}
 
 
 def _fmt(value, digits: int = 3, signed: bool = False) -> str:
@@ -744,11 +807,17 @@ def plot_fidelity(rows: Sequence[Mapping], path, size: tuple[int, int] = (720, 5
         elif r["kind"] == "cfg":
             name, order, tag = f"{model} CFG", r["guidance_scale"], f"g={r['guidance_scale']:g}"
         else:
-            name, order, tag = f"{model} HM-CFG w_base={r['w_base']:g}", r["w_pers"], f"{r['w_base']:g}/{r['w_pers']:g}"
+            interval = tuple(r.get("pers_interval") or DEFAULT_PERS_INTERVAL)
+            when = "" if interval == DEFAULT_PERS_INTERVAL else " τ∈[{:g},{:g}]".format(*interval)
+            name, order, tag = f"{model} HM-CFG w_base={r['w_base']:g}{when}", r["w_pers"], f"{r['w_base']:g}/{r['w_pers']:g}"
         series.setdefault(name, []).append((order, r["subject"], r["prompt"], tag))
     refs = [r["subject"] for r in rows if r.get("kind") == "references" and math.isfinite(r["subject"])]
-    xs = [p[1] for s in series.values() for p in s] + refs
+    xs = [p[1] for s in series.values() for p in s]
     ys = [p[2] for s in series.values() for p in s]
+    x0, x1 = min(xs), max(xs)
+    off_axis = [x for x in refs if x > x1 + max(0.3, x1 - x0)]  # far to the right: named, not drawn to scale
+    refs = [x for x in refs if x not in off_axis]
+    xs += refs
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     pad_x, pad_y = max(0.02, 0.08 * (x1 - x0)), max(0.02, 0.08 * (y1 - y0))
@@ -775,6 +844,8 @@ def plot_fidelity(rows: Sequence[Mapping], path, size: tuple[int, int] = (720, 5
     draw.text(((w - 120) / 2, h - 18), "subject fidelity", fill="black", font=font)
     draw.text((w - right - 250, h - 18), "points: g = CFG scale, a/b = w_base/w_pers", fill=(120, 120, 120), font=font)
     draw.text((4, 4), "prompt fidelity", fill="black", font=font)
+    for x in off_axis:
+        draw.text((w - right - 190, top + 4), f"references: {x:.3f} (off the axis) ->", fill=(120, 120, 120), font=font)
     for x in refs:
         gx, _ = px(x, y0)
         for y in range(top, h - bottom, 8):

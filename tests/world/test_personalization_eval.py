@@ -266,7 +266,7 @@ def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_di
     assert main(common + ["--w-base", "3", "--w-pers", "1", "--json", str(tmp_path / "a.json")]) == 0
     assert main(common + ["--w-base", "2", "--w-pers", "2", "--kinds", "hm-cfg", "--json", str(tmp_path / "b.json")]) == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
-    assert a["settings"]["hypernet_folders"] == {"e2e": str(hypernet_dir)}
+    assert a["settings"]["hypernet_folders"] == {"e2e": str(hypernet_dir.resolve())}
     capsys.readouterr()
 
     merged_path, plot = tmp_path / "merged.json", tmp_path / "merged.png"

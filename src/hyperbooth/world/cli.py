@@ -256,7 +256,7 @@ def _eval_personalization(args: argparse.Namespace) -> int:
     base = WorldBaseModel.from_pretrained(args.model)
     for folder, hypernet in zip(folders, hypernets.values()):
         ev.check_hypernetwork(hypernet, base, folder)
-    hypernet_folders = {label: str(folder) for label, folder in zip(hypernets, folders)}
+    hypernet_folders = {label: str(Path(folder).resolve()) for label, folder in zip(hypernets, folders)}  # one name per folder
     if args.multi_reference:
         hypernets = ev.multi_reference_variants(hypernets, [m.strip() for m in args.multi_reference.split(",") if m.strip()])
     for n in _numbers(args.dreambooth_steps, "--dreambooth-steps", int) if args.dreambooth_steps else []:

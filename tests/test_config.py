@@ -44,6 +44,7 @@ def test_defaults_file_and_overrides(tmp_path):
         ("", ["inner.steps=abc"], "inner.steps='abc' must be an integer"),
         ("", ["inner.steps=0"], "inner.steps=0 must be at least 1"),
         ("", ["inner.lr=fast"], "inner.lr='fast' must be a number"),
+        ("inner:\n  lr: nan\n", [], "inner.lr='nan' must be a number"),
         ("", ["flag=maybe"], "flag='maybe' must be true or false"),
         ("", ["noequals"], "key=value"),
         ("- a\n- b\n", [], "mapping at the top level"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from hyperbooth.errors import ConfigError
 
 T = TypeVar("T")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -70,12 +72,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key}={value!r} must be an integer")
         return value
     if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 (PyYAML) reads "1e-3" (no dot) as a string; take it as the number the user meant.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
+        if isinstance(value, str) and _PLAIN_NUMBER.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads "1e-3" (no dot) as a string; take it as the number the user meant
+            # (only plain decimal/exponent forms: "nan", "inf" or "1_000" stay errors)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key}={value!r} must be a number")
         return float(value)

@@ -81,6 +81,8 @@ def generate(
     for name, value in (("guidance_scale", guidance_scale), ("w_base", w_base), ("w_pers", w_pers), ("lora_scale", lora_scale)):
         _check_finite(name, value)
     pers_interval = check_interval(pers_interval)
+    if pers_interval != DEFAULT_PERS_INTERVAL and (guidance != "hm-cfg" or weights is None):
+        log.warning("pers_interval=%s only applies to HM-CFG with a LoRA; ignored for guidance=%r", pers_interval, guidance)
     n = len(prompts)
     if n == 0:
         raise ConfigError("no prompts given")
@@ -105,13 +107,15 @@ def generate(
     injector = LoRAInjector(unet)
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if branches == 3 and not pers_active(t[0], num_train_timesteps, pers_interval):  # w_pers = 0: base rows only
-            with injector.disabled():
-                pred = unet(x_t.to(dtype).repeat(2, 1, 1, 1), t.repeat(2), encoder_hidden_states=states[: 2 * n], encoder_attention_mask=None if mask is None else mask[: 2 * n]).sample
-            return cfg(*pred.to(x_t.dtype).chunk(2), w_base)
-        x_in = x_t.to(dtype).repeat(branches, 1, 1, 1)  # (branches·N, C, H, W) in the UNet's dtype
-        pred = unet(x_in, t.repeat(branches), encoder_hidden_states=states, encoder_attention_mask=mask).sample.to(x_t.dtype)
-        parts = pred.chunk(branches)
+        # HM-CFG outside its timestep interval: w_pers = 0, so only the 2N base rows run, with the LoRA switched off
+        base_only = branches == 3 and not pers_active(t[0], num_train_timesteps, pers_interval)
+        b = 2 if base_only else branches
+        x_in = x_t.to(dtype).repeat(b, 1, 1, 1)  # (b·N, C, H, W) in the UNet's dtype
+        with injector.disabled() if base_only else nullcontext():
+            pred = unet(x_in, t.repeat(b), encoder_hidden_states=states[: b * n], encoder_attention_mask=None if mask is None else mask[: b * n]).sample
+        parts = pred.to(x_t.dtype).chunk(b)
+        if base_only:
+            return cfg(parts[0], parts[1], w_base)
         if branches == 2:
             return cfg(parts[0], parts[1], guidance_scale)
         return hm_cfg(parts[0], parts[1], parts[2], w_base, w_pers)
@@ -259,7 +263,7 @@ def register(subparsers) -> None:
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="CFG scale (cfg, and the base model)")
     parser.add_argument("--w-base", type=float, default=DEFAULT_W_BASE, help="HM-CFG weight of the base model's text direction")
     parser.add_argument("--w-pers", type=float, default=DEFAULT_W_PERS, help="HM-CFG weight of the personalized model's direction")
-    parser.add_argument("--pers-interval", default="0,1", metavar="LO,HI",
+    parser.add_argument("--pers-interval", default="{:g},{:g}".format(*DEFAULT_PERS_INTERVAL), metavar="LO,HI",
                         help="HM-CFG timestep schedule: the personalized branch runs for noise levels t/T in [LO, HI] (default 0,1: every step)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="ΔW → s·ΔW")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)

@@ -72,8 +72,9 @@ def parse_interval(text: str, option: str = "--pers-interval") -> tuple[float, f
 def pers_active(timestep: float, num_train_timesteps: int, interval: tuple[float, float] = DEFAULT_PERS_INTERVAL) -> bool:
     """HM-CFG's timestep schedule: whether the personalized branch runs at ``timestep``.
 
-    With the noise level ``τ = t / T`` (1 = pure noise at the start of sampling, 0 = the clean image), the branch runs
-    for ``lo ≤ τ ≤ hi`` and ``w_pers`` is 0 elsewhere, where the step is base-model CFG with ``w_base`` on the base
+    With ``τ = t / T`` (the scheduler's timestep over its training timesteps: near 1 at the start of sampling, where
+    the sample is noise, near 0 at its end; the exact values depend on the scheduler's ``timestep_spacing``, e.g.
+    "leading" spacing ends at t = 0), the branch runs for ``lo ≤ τ ≤ hi`` and ``w_pers`` is 0 elsewhere, where the step is base-model CFG with ``w_base`` on the base
     rows alone (2N rows instead of 3N). A guidance interval in the sense of Kynkäänniemi et al., "Applying Guidance
     in a Limited Interval Improves Sample and Distribution Quality in Diffusion Models" (NeurIPS 2024), applied to
     the personalized term: e.g. ``(0.5, 1)`` lets the subject shape the coarse, early steps and leaves the late

@@ -85,7 +85,7 @@ def test_rows_and_weight_pairs():
     with pytest.raises(ConfigError, match="refs=0"):
         ev.RowSpec("cfg", "e2e", refs=0)
     timed = ev.personalization_rows(["e2e"], guidance_scales=[3], hm_pairs=[(2, 2)], pers_intervals=[(0, 1), (0.5, 1)])
-    assert [r.label for r in timed][2:] == ["e2e hm-cfg w_base=2 w_pers=2", "e2e hm-cfg w_base=2 w_pers=2 τ∈[0.5,1]"]
+    assert [r.label for r in timed][2:] == ["e2e hm-cfg w_base=2 w_pers=2", "e2e hm-cfg w_base=2 w_pers=2 t/T in [0.5,1]"]
     with pytest.raises(ConfigError, match="pers_interval"):
         ev.RowSpec("hm-cfg", "e2e", pers_interval=(1.0, 0.5))
 
@@ -258,6 +258,27 @@ def test_cli_dreambooth_rows_fine_tune_once_and_reuse_the_cache(tiny_world_model
     assert rows[0][db]["hypernet_ms_per_subject"] == pytest.approx(rows[1][db]["hypernet_ms_per_subject"], rel=1e-3)
 
 
+def test_merge_results_keeps_chosen_hypernetworks_and_names_differing_figures():
+    settings = {"num_identities": 2, "prompts_per_identity": 2, "steps": 2, "seed": 0, "scheduler": "dpm++", "identity_seeds": [1, 2]}
+    first = {"settings": settings, "rows": [
+        {**_row("floor", "floor cfg g=3", 0.2, 0.8, 0.7), "hypernet": None},
+        _row("cfg", "a cfg g=3", 0.5, 0.6, 0.5, hypernet="a"),
+        _row("cfg", "b cfg g=3", 0.4, 0.7, 0.6, hypernet="b"),
+    ]}
+    second = {"settings": {**settings, "hypernet_folders": {"b": "runs/b"}}, "rows": [
+        _row("hm-cfg", "b hm", 0.41, 0.9, 0.9, hypernet="b", w=(2.0, 2.0)),
+        _row("hm-cfg", "a hm", 0.51, 0.9, 0.9, hypernet="a", w=(2.0, 2.0)),
+    ]}
+    merged = ev.merge_results([("first", first), ("second", second)], keep=["b"])
+    assert [r["label"] for r in merged["rows"]] == ["floor cfg g=3", "b cfg g=3", "b hm"]
+    assert [c["hm_cfg"] for c in merged["comparison"]] == ["b hm"] and merged["comparison"][0]["matched"]
+    everything = ev.merge_results([("first", first), ("second", second)])
+    assert [r["label"] for r in everything["rows"]] == ["floor cfg g=3", "a cfg g=3", "a hm", "b cfg g=3", "b hm"]
+    changed = {"settings": settings, "rows": [_row("cfg", "a cfg g=3", 0.5, 0.65, 0.5, hypernet="a")]}
+    with pytest.raises(ConfigError, match=r"prompt 0\.65 vs 0\.6"):
+        ev.merge_results([("first", first), ("changed", changed)])
+
+
 def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_dir, hypernet_dir, tmp_path, capsys):
     common = [
         "world", "eval-personalization", "--model", str(tiny_world_model), "--oracles", str(oracles_dir),
@@ -282,10 +303,8 @@ def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_di
     assert Image.open(plot).format == "PNG"
 
     assert [r["kind"] for r in b["rows"]] == ["references", "hm-cfg"]  # --kinds hm-cfg: no floor or CFG rows generated
-    kept = ev.merge_results([("a", a), ("b", b)], keep=["e2e"])
-    assert [r["label"] for r in kept["rows"]] == labels
-    with pytest.raises(ConfigError, match="no row of the hypernetworks"):
-        ev.merge_results([("a", a), ("b", b)], keep=["other"])
+    with pytest.raises(ConfigError, match="no row of hypernetwork 'other'"):
+        ev.merge_results([("a", a), ("b", b)], keep=["e2e", "other"])
     other = {**b, "settings": {**b["settings"], "steps": 3}}
     (tmp_path / "other.json").write_text(json.dumps(other))
     changed = {**b, "rows": [{**r, "subject": (r["subject"] or 0) + 0.5} if r["kind"] == "references" else r for r in b["rows"]]}
@@ -293,7 +312,13 @@ def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_di
     elsewhere = {**b, "settings": {**b["settings"], "hypernet_folders": {"e2e": "runs/another"}}}
     (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))
     (tmp_path / "notjson.json").write_bytes(b"\x89PNG")
-    for name, message in (("other", "'steps' differs"), ("changed", "other figures"), ("elsewhere", "runs/another"), ("notjson", "not a JSON file"), ("missing", "cannot be read")):
+    (tmp_path / "nosettings.json").write_text(json.dumps({**b, "settings": None}))
+    (tmp_path / "badrow.json").write_text(json.dumps({**b, "rows": [{"kind": "cfg"}]}))
+    (tmp_path / "otherbatch.json").write_text(json.dumps({**b, "settings": {**b["settings"], "batch_size": 4}}))
+    for name, message in (
+        ("other", "'steps' differs"), ("otherbatch", "'batch_size' differs"), ("changed", "other figures"), ("elsewhere", "runs/another"),
+        ("notjson", "not a JSON file"), ("missing", "cannot be read"), ("nosettings", "not an eval-personalization result"), ("badrow", "row 0"),
+    ):
         assert main(["world", "merge-evals", str(tmp_path / "a.json"), str(tmp_path / f"{name}.json"), "--json", str(tmp_path / "bad.json")]) == 2
         err = capsys.readouterr().err
         assert message in err and f"{name}.json" in err, err

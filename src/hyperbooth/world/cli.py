@@ -10,7 +10,7 @@ import numpy as np
 
 from hyperbooth.errors import ConfigError
 from hyperbooth.files import atomic_write
-from hyperbooth.guidance import DEFAULT_W_BASE, DEFAULT_W_PERS, parse_interval
+from hyperbooth.guidance import DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, parse_interval
 
 
 def _int(value: str) -> int:
@@ -98,7 +98,8 @@ def register(subparsers) -> None:
         help="one table (and plot) from several eval-personalization --json files of the same protocol",
         description="Rows of several eval-personalization runs (their --json files) as one table with the HM-CFG vs "
         "CFG comparison recomputed, e.g. a sweep run in parts. The runs must share identities, prompts, steps, "
-        "scheduler and seed; a row label in two files must have the same figures.",
+        "scheduler, seed, batch size, base model and oracles, and a hypernetwork label must name one model; a row "
+        "label in two files must have the same figures.",
     )
     merge.add_argument("results", type=Path, nargs="+", help="eval-personalization --json files")
     merge.add_argument("--keep", default=None, help="keep only these hypernetwork labels' rows (with the floor and the references), a list")
@@ -201,9 +202,7 @@ def _numbers(text: str, option: str, kind=float) -> list:
 def _merge_evals(args: argparse.Namespace) -> int:
     from hyperbooth.world import evaluate as ev
 
-    for option, out in (("--json", args.json), ("--plot", args.plot)):
-        if out is not None and not out.parent.is_dir():
-            raise ConfigError(f"{option} {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    _check_outputs(args)
     results = []
     for path in args.results:
         try:
@@ -213,16 +212,7 @@ def _merge_evals(args: argparse.Namespace) -> int:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{str(path)!r} is not a JSON file ({type(e).__name__})") from None
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else None
-    result = ev.merge_results(results, args.tolerance, keep=keep)
-    print(ev.personalization_table(result))
-    print()
-    print(ev.comparison_table(result["comparison"], args.tolerance))
-    if args.json:
-        text = json.dumps(ev.to_json(result), indent=2)
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
-    if args.plot:
-        ev.plot_fidelity(result["rows"], args.plot)
-    return 0
+    return _report(ev.merge_results(results, args.tolerance, keep=keep), args)
 
 
 def _eval_personalization(args: argparse.Namespace) -> int:
@@ -244,25 +234,27 @@ def _eval_personalization(args: argparse.Namespace) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or any(k not in ev.ROW_KINDS for k in kinds):
         raise ConfigError(f"--kinds={args.kinds!r} must name some of {', '.join(ev.ROW_KINDS)}")
-    intervals = [parse_interval(text) for text in args.pers_interval or ["0,1"]]
+    intervals = [parse_interval(text) for text in args.pers_interval] if args.pers_interval else [DEFAULT_PERS_INTERVAL]
     for option, value in (("--num-identities", args.num_identities), ("--prompts", args.prompts), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{option}={value} must be at least 1")
-    for option, out in (("--json", args.json), ("--plot", args.plot)):
-        if out is not None and not out.parent.is_dir():
-            raise ConfigError(f"{option} {str(out)!r}: folder {str(out.parent)!r} does not exist")
+    _check_outputs(args)
     folders = args.hypernet or [SHIPPED_HYPERNET]
     hypernets = ev.load_hypernetworks(folders, args.label)
     base = WorldBaseModel.from_pretrained(args.model)
     for folder, hypernet in zip(folders, hypernets.values()):
         ev.check_hypernetwork(hypernet, base, folder)
-    hypernet_folders = {label: str(Path(folder).resolve()) for label, folder in zip(hypernets, folders)}  # one name per folder
+    # what each row label stands for, so that merge-evals can refuse one label naming two models
+    sources = {label: str(Path(folder).resolve()) for label, folder in zip(hypernets, folders)}
     if args.multi_reference:
-        hypernets = ev.multi_reference_variants(hypernets, [m.strip() for m in args.multi_reference.split(",") if m.strip()])
+        modes = [m.strip() for m in args.multi_reference.split(",") if m.strip()]
+        hypernets = ev.multi_reference_variants(hypernets, modes)
+        sources = {f"{label}:{mode}": f"{folder} (multi_reference={mode})" for label, folder in sources.items() for mode in modes}
     for n in _numbers(args.dreambooth_steps, "--dreambooth-steps", int) if args.dreambooth_steps else []:
         if n < 1:
             raise ConfigError(f"--dreambooth-steps={args.dreambooth_steps!r}: every step count must be at least 1")
         hypernets[f"dreambooth-lora-{n}"] = ev.DreamBoothLoRA(base, n, cache=args.dreambooth_cache, seed=args.seed)
+        sources[f"dreambooth-lora-{n}"] = f"DreamBooth-LoRA fine-tune, {n} steps, seed {args.seed}"
     oracles = Oracles.load(args.oracles)
     rows = [r for r in ev.personalization_rows(list(hypernets), refs, scales, pairs, intervals) if r.kind in kinds]
     result = ev.evaluate_personalization(
@@ -271,15 +263,33 @@ def _eval_personalization(args: argparse.Namespace) -> int:
     )
     minutes = (time.perf_counter() - t0) / 60
     settings = result["settings"]
+    settings["hypernet_folders"] = sources
+    settings["oracles"] = str(Path(args.oracles).resolve()) if args.oracles else "shipped"
+    result["elapsed_minutes"] = minutes
+    footer = (f"{len(rows)} rows x {settings['images_per_row']} images ({settings['num_identities']} held-out identities x "
+              f"{settings['prompts_per_identity']} prompts), {args.steps} {args.scheduler} steps: {minutes:.1f} min")
+    return _report(result, args, footer)
+
+
+def _report(result: dict, args: argparse.Namespace, footer: str | None = None) -> int:
+    """Print the table and the HM-CFG comparison; write ``--json`` and ``--plot`` when asked."""
+    from hyperbooth.world import evaluate as ev
+
     print(ev.personalization_table(result))
     print()
     print(ev.comparison_table(result["comparison"], args.tolerance))
-    print()
-    print(f"{len(rows)} rows x {settings['images_per_row']} images ({settings['num_identities']} held-out identities x {settings['prompts_per_identity']} prompts), {args.steps} {args.scheduler} steps: {minutes:.1f} min")
+    if footer:
+        print()
+        print(footer)
     if args.json:
-        result["settings"]["hypernet_folders"] = hypernet_folders
-        text = json.dumps(ev.to_json({**result, "elapsed_minutes": minutes}), indent=2)
+        text = json.dumps(ev.to_json(result), indent=2)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     if args.plot:
         ev.plot_fidelity(result["rows"], args.plot)
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    for option, out in (("--json", args.json), ("--plot", args.plot)):
+        if out is not None and not out.parent.is_dir():
+            raise ConfigError(f"{option} {str(out)!r}: folder {str(out.parent)!r} does not exist")

@@ -273,7 +273,8 @@ def personalization_items(seeds: Sequence[int], prompts_per_identity: int = 6) -
 class RowSpec:
     """One row of the table: a sampling method and its settings.
 
-    ``kind``: ``"floor"`` (base model, CFG), ``"cfg"`` (personalized model, CFG) or ``"hm-cfg"``. ``hypernet``: the
+    ``kind``: ``"floor"`` (base model, CFG), ``"cfg"`` (personalized model, CFG) or ``"hm-cfg"`` (with ``w_base``,
+    ``w_pers`` and the timestep interval ``pers_interval``, see :func:`hyperbooth.guidance.pers_active`). ``hypernet``: the
     label of the hypernetwork of a personalized row; ``refs``: its reference images per subject. ``class_prompt``:
     prompt with the class noun only (``"a toy …"``) instead of the rare-token form (``"a sks toy …"``); by default
     the floor does, the personalized rows do not.
@@ -311,11 +312,17 @@ class RowSpec:
         else:
             name = self.hypernet + (f" k={self.refs}" if self.refs != 1 else "")
             text = f"{name} cfg g={self.guidance_scale:g}" if self.kind == "cfg" else f"{name} hm-cfg w_base={self.w_base:g} w_pers={self.w_pers:g}"
-            if self.kind == "hm-cfg" and self.pers_interval != DEFAULT_PERS_INTERVAL:
-                text += " τ∈[{:g},{:g}]".format(*self.pers_interval)
+            if self.kind == "hm-cfg":
+                text += interval_tag(self.pers_interval)
         if self.class_prompt is not None and (self.token is None) != (self.kind == "floor"):
             text += " (class prompt)" if self.token is None else f" ({ctx.RARE_TOKEN} prompt)"
         return text
+
+
+def interval_tag(interval) -> str:
+    """`` t/T in [lo,hi]`` for an HM-CFG timestep interval other than every step (ASCII: any font draws it)."""
+    interval = tuple(float(v) for v in interval)
+    return "" if interval == DEFAULT_PERS_INTERVAL else " t/T in [{:g},{:g}]".format(*interval)
 
 
 def check_weight(value, name: str) -> float:
@@ -680,55 +687,72 @@ def compare_hm_cfg(rows: Sequence[Mapping], tolerance: float = 0.02) -> list[dic
     return out
 
 
-#: Settings that must agree for rows of several evaluation runs to sit in one table.
-MERGE_KEYS: tuple[str, ...] = ("num_identities", "prompts_per_identity", "steps", "seed", "scheduler", "identity_seeds")
-#: Row fields that stay as they are when read back from JSON (the others: null → NaN).
-TEXT_FIELDS: tuple[str, ...] = ("label", "kind", "hypernet", "refs", "guidance_scale", "w_base", "w_pers", "pers_interval")
+#: Settings that must agree for rows of several evaluation runs to sit in one table (a key one file lacks, e.g. one
+#: written before the key existed, is not compared).
+MERGE_KEYS: tuple[str, ...] = ("num_identities", "prompts_per_identity", "steps", "seed", "scheduler", "identity_seeds", "batch_size", "base_model", "oracles")
+#: Row fields that are settings, not figures: they stay as they are when read back from JSON (figures: null → NaN).
+SETTING_FIELDS: tuple[str, ...] = ("label", "kind", "hypernet", "refs", "guidance_scale", "w_base", "w_pers", "pers_interval")
+_MISSING = object()
+
+
+def _check_result(source: str, result) -> None:
+    if not isinstance(result, Mapping) or not isinstance(result.get("settings"), Mapping) or not isinstance(result.get("rows"), list):
+        raise ConfigError(f"{source}: not an eval-personalization result (it needs 'settings' and a list of 'rows')")
+    for i, row in enumerate(result["rows"]):
+        if not isinstance(row, Mapping) or any(k not in row for k in ("label", "kind", "subject", "prompt")):
+            raise ConfigError(f"{source}: row {i} is not an eval-personalization row (it needs label, kind, subject, prompt)")
 
 
 def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = 0.02, keep: Sequence[str] | None = None) -> dict:
     """Rows of several :func:`evaluate_personalization` runs (``(source, result)`` pairs, e.g. read from their
-    ``--json`` files) as one result: the runs must share the protocol (:data:`MERGE_KEYS`) and, for a label they
-    share, the hypernetwork folder; a row whose label an earlier run already has is dropped when its figures are the
-    same and refused when they differ. ``keep``: only these hypernetwork labels' rows (and the floor and references).
-    The HM-CFG comparison is recomputed over the merged rows."""
+    ``--json`` files) as one result. The runs must share the protocol (:data:`MERGE_KEYS`) and, for a hypernetwork
+    label they share, the hypernetwork; a row whose label an earlier run already has is dropped when its subject and
+    prompt fidelity are the same and refused when they differ. ``keep``: only these hypernetwork labels' rows (and
+    the floor and the references); a label no file has is refused. The HM-CFG comparison is recomputed over the
+    merged rows. Order: references and floor, then each hypernetwork in order of appearance: CFG rows by scale, then
+    HM-CFG rows by w_base (descending), w_pers, timestep interval."""
     if not results:
         raise ConfigError("no evaluation results to merge")
     first_source, first = results[0]
     rows: dict[str, Mapping] = {}
     folders: dict[str, str] = {}
     for source, result in results:
-        if not isinstance(result, Mapping) or "rows" not in result or "settings" not in result:
-            raise ConfigError(f"{source}: not an eval-personalization result (no 'rows' and 'settings')")
+        _check_result(source, result)
         for key in MERGE_KEYS:
-            if result["settings"].get(key) != first["settings"].get(key):
-                raise ConfigError(f"{source}: setting {key!r} differs from {first_source} ({result['settings'].get(key)!r} vs {first['settings'].get(key)!r}); only runs of one protocol can share a table")
+            mine, theirs = result["settings"].get(key, _MISSING), first["settings"].get(key, _MISSING)
+            if mine is not _MISSING and theirs is not _MISSING and mine != theirs:
+                raise ConfigError(f"{source}: setting {key!r} differs from {first_source} ({mine!r} vs {theirs!r}); only runs of one protocol can share a table")
         for label, folder in (result["settings"].get("hypernet_folders") or {}).items():
             if folders.setdefault(label, folder) != folder:
                 raise ConfigError(f"{source}: label {label!r} names hypernetwork {folder!r} here but {folders[label]!r} in an earlier file")
         for row in result["rows"]:
-            row = {k: float("nan") if v is None and k not in TEXT_FIELDS else v for k, v in row.items()}  # JSON null → NaN
+            row = {k: float("nan") if v is None and k not in SETTING_FIELDS else v for k, v in row.items()}  # JSON null → NaN
             old = rows.get(row["label"])
             if old is None:
                 rows[row["label"]] = row
                 continue
             same = all((math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 for a, b in ((old[k], row[k]) for k in ("subject", "prompt")))
             if not same:
-                raise ConfigError(f"{source}: row {row['label']!r} has other figures than in an earlier file (subject {row.get('subject')} vs {old.get('subject')}); label the runs apart")
-    # references and floor first; then each hypernetwork (in order of appearance): CFG rows, then HM-CFG by w_base, w_pers
+                raise ConfigError(
+                    f"{source}: row {row['label']!r} has other figures than in an earlier file (subject {row['subject']:.6g} vs "
+                    f"{old['subject']:.6g}, prompt {row['prompt']:.6g} vs {old['prompt']:.6g}); label the runs apart"
+                )
+    if keep is not None:
+        present = {r.get("hypernet") for r in rows.values()}
+        missing = [label for label in keep if label not in present]
+        if missing:
+            raise ConfigError(f"--keep: no row of hypernetwork {missing[0]!r} in {', '.join(src for src, _ in results)} (labels there: {', '.join(sorted(str(p) for p in present if p))})")
     kinds = {"references": 0, "floor": 1, "cfg": 2, "hm-cfg": 3}
     models = list(dict.fromkeys(r.get("hypernet") for r in rows.values()))
 
-    def key(r):
+    def order(r):
         kind = kinds.get(r.get("kind"), 4)
         personalized = kind > 1
+        interval = tuple(r.get("pers_interval") or DEFAULT_PERS_INTERVAL)
         return (personalized, models.index(r.get("hypernet")), 0 if personalized else kind, r.get("refs") or 0, kind,
-                r.get("guidance_scale") or 0, -(r.get("w_base") or 0), r.get("w_pers") or 0)
+                r.get("guidance_scale") or 0, -(r.get("w_base") or 0), r.get("w_pers") or 0, interval)
 
-    kept = [r for r in rows.values() if keep is None or r.get("hypernet") is None or r.get("hypernet") in keep]
-    if keep is not None and not any(r.get("hypernet") in keep for r in kept):
-        raise ConfigError(f"no row of the hypernetworks {list(keep)} in {', '.join(src for src, _ in results)}")
-    merged = sorted(kept, key=key)
+    merged = sorted((r for r in rows.values() if keep is None or r.get("hypernet") is None or r.get("hypernet") in keep), key=order)
     settings = {**first["settings"], "tolerance": tolerance, "hypernet_folders": folders, "merged_from": [src for src, _ in results]}
     return {"rows": merged, "comparison": compare_hm_cfg(merged, tolerance), "settings": settings}
 
@@ -807,8 +831,7 @@ def plot_fidelity(rows: Sequence[Mapping], path, size: tuple[int, int] = (720, 5
         elif r["kind"] == "cfg":
             name, order, tag = f"{model} CFG", r["guidance_scale"], f"g={r['guidance_scale']:g}"
         else:
-            interval = tuple(r.get("pers_interval") or DEFAULT_PERS_INTERVAL)
-            when = "" if interval == DEFAULT_PERS_INTERVAL else " τ∈[{:g},{:g}]".format(*interval)
+            when = interval_tag(r.get("pers_interval") or DEFAULT_PERS_INTERVAL)
             name, order, tag = f"{model} HM-CFG w_base={r['w_base']:g}{when}", r["w_pers"], f"{r['w_base']:g}/{r['w_pers']:g}"
         series.setdefault(name, []).append((order, r["subject"], r["prompt"], tag))
     refs = [r["subject"] for r in rows if r.get("kind") == "references" and math.isfinite(r["subject"])]
@@ -844,8 +867,8 @@ def plot_fidelity(rows: Sequence[Mapping], path, size: tuple[int, int] = (720, 5
     draw.text(((w - 120) / 2, h - 18), "subject fidelity", fill="black", font=font)
     draw.text((w - right - 250, h - 18), "points: g = CFG scale, a/b = w_base/w_pers", fill=(120, 120, 120), font=font)
     draw.text((4, 4), "prompt fidelity", fill="black", font=font)
-    for x in off_axis:
-        draw.text((w - right - 190, top + 4), f"references: {x:.3f} (off the axis) ->", fill=(120, 120, 120), font=font)
+    for i, x in enumerate(off_axis):
+        draw.text((w - right - 190, top + 4 + 12 * i), f"references: {x:.3f} (off the axis) ->", fill=(120, 120, 120), font=font)
     for x in refs:
         gx, _ = px(x, y0)
         for y in range(top, h - bottom, 8):

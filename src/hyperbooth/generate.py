@@ -105,10 +105,11 @@ def generate(
     sampler = make_scheduler(scheduler, base.scheduler)
     num_train_timesteps = sampler.config.num_train_timesteps
     injector = LoRAInjector(unet)
+    scheduled = branches == 3 and pers_interval != DEFAULT_PERS_INTERVAL  # else no per-step check (nor device sync)
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # HM-CFG outside its timestep interval: w_pers = 0, so only the 2N base rows run, with the LoRA switched off
-        base_only = branches == 3 and not pers_active(t[0], num_train_timesteps, pers_interval)
+        base_only = scheduled and not pers_active(t[0], num_train_timesteps, pers_interval)
         b = 2 if base_only else branches
         x_in = x_t.to(dtype).repeat(b, 1, 1, 1)  # (b·N, C, H, W) in the UNet's dtype
         with injector.disabled() if base_only else nullcontext():

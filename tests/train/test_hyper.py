@@ -69,6 +69,22 @@ def test_lambda_zero_and_reg_logged(tiny_world_model, tmp_path):
     assert float(rows[-1]["reg"]) > 0  # ΔW left zero after the first update
 
 
+def test_save_dtype_fp16_stores_the_final_folder_in_half_and_checkpoints_in_full(tiny_world_model, tmp_path):
+    from safetensors import safe_open
+
+    final = train_hypernet(_cfg(tiny_world_model, tmp_path, "optim.max_steps=2", "save_dtype=fp16"))
+
+    def dtypes(folder):
+        with safe_open(str(folder / "hypernet.safetensors"), "pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+    assert dtypes(final) == {"F16"}
+    assert dtypes(tmp_path / "checkpoints" / "step-0000002" / "hypernet") == {"F32"}
+    assert all(p.dtype == torch.float32 for p in E2EHyperNetwork.from_pretrained(final).parameters())
+    with pytest.raises(ConfigError, match="save_dtype='bf8'"):
+        _cfg(tiny_world_model, tmp_path, "save_dtype=bf8")
+
+
 def test_personalize_writes_a_file_both_loaders_read(tiny_world_model, tmp_path):
     from diffusers import UNet2DConditionModel
     from PIL import Image

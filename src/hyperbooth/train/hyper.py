@@ -29,6 +29,8 @@ from hyperbooth.train.base import OptimConfig
 from hyperbooth.train.ema import EMA
 from hyperbooth.train.state import latest_checkpoint, load_state, save_state, warmup_cosine, write_checkpoint
 
+SAVE_DTYPES = {"fp32": None, "fp16": torch.float16}  # None: the parameters' own dtype (fp32)
+
 log = logging.getLogger(__name__)
 
 
@@ -71,6 +73,7 @@ class HyperTrainConfig:
     mixed_precision: str = "no"  # "no" or "bf16"
     checkpoint_every: int = 250
     log_every: int = 25
+    save_dtype: str = "fp32"  # dtype of the final ``hypernet`` folder's weights: "fp32" or "fp16" (half the file)
 
     def validate(self) -> None:
         if self.method != "e2e":
@@ -79,6 +82,8 @@ class HyperTrainConfig:
             raise ConfigError(f"output_reg={self.output_reg} must be >= 0")
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r} must be 'no' or 'bf16'")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ConfigError(f"save_dtype={self.save_dtype!r} must be one of {', '.join(map(repr, SAVE_DTYPES))}")
 
 
 def _sample_generator(seed: int, index: int) -> torch.Generator:
@@ -209,7 +214,9 @@ def train_hypernet(cfg: HyperTrainConfig, resume: bool = False, base=None) -> Pa
         csv_file.close()
         if ema is not None:
             ema.copy_to(final)
-        final.save_pretrained(out / "hypernet", extra={"train_config": to_dict(cfg), "base_model": cfg.base_model or "hyperbooth:world/base"})
+        # checkpoints keep fp32 (exact resume); the final folder may be stored in fp16 (the shipped checkpoint is)
+        final.save_pretrained(out / "hypernet", extra={"train_config": to_dict(cfg), "base_model": cfg.base_model or "hyperbooth:world/base"},
+                              dtype=SAVE_DTYPES[cfg.save_dtype])
     return out / "hypernet"
 
 

@@ -88,6 +88,37 @@ def test_rows_without_lora_match_base_and_repeat_rule(unet):
     torch.testing.assert_close(mixed[1], explicit[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [[-1, -1, 0, 1], [0, -1, -1, 1], [-1, 1, -1, -1], [-1, -1, -1, -1]])
+def test_rows_without_lora_skip_the_matmuls_and_match_separate_runs(unet, rows):
+    """Base rows are left out of the LoRA matmuls (a slice when the LoRA rows are contiguous, a gather otherwise);
+    with gradients on, in ``no_grad`` and in ``inference_mode`` every row equals its own separate run."""
+    x_t, t, cond = _inputs(4)
+    w = _lora(unet, 2)
+    expected = []
+    for i, r in enumerate(rows):
+        one = (x_t[i : i + 1], t[i : i + 1], cond[i : i + 1])
+        if r < 0:
+            expected.append(_eps(unet, *one))
+        else:
+            with apply_lora(unet, w.select(r), mode="shared"):
+                expected.append(_eps(unet, *one))
+    expected = torch.cat(expected)
+    for context in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with context(), apply_lora(unet, w, rows=rows):
+            out = _eps(unet, x_t, t, cond)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradients_reach_the_factors_through_a_block_of_lora_rows(unet):
+    x_t, t, cond = _inputs(4)
+    w = _lora(unet, 2)
+    leaves = {n: (layer.A.clone().requires_grad_(), layer.B.clone().requires_grad_()) for n, layer in w.items()}
+    w = LoRAWeights.from_factors({n: a for n, (a, _) in leaves.items()}, {n: b for n, (_, b) in leaves.items()}, 2.0)
+    with apply_lora(unet, w, rows=[-1, -1, 0, 1]):
+        _eps(unet, x_t, t, cond).pow(2).mean().backward()
+    assert all(b.grad is not None and (b.grad.flatten(1).abs().sum(1) > 0).all() for _, b in leaves.values())
+
+
 def test_disabled_switches_hooked_lora_off_for_any_batch(unet):
     x_t, t, cond = _inputs(3)
     w = _lora(unet, 1)

@@ -109,13 +109,27 @@ def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv
     """A forward hook adding ``B (A x)`` per row. ``A (N, r, d_in)``, ``B (N, d_out, r)`` with the scale folded in.
 
     ``rows``: ``(batch,)`` subject index per row, -1 for none; ``None`` means row ``i`` uses subject ``i mod N``.
+    Rows marked -1 (HM-CFG's base rows) are left out of the LoRA matmuls altogether: their output is the module's
+    own, at no extra cost; when the LoRA rows are one contiguous block (``[-1, -1, 0]``, ``[-1]*2N + [0..N-1]``) they
+    are a slice, with no gather.
     ``enabled()`` false: the module's own output (see :meth:`LoRAInjector.disabled`).
     """
     n = A.shape[0]
+    active: torch.Tensor | slice | None = None  # the rows that carry a LoRA, when not all of them do
     if rows is not None:
-        keep = (rows >= 0).to(B.dtype)[:, None, None]  # (batch, 1, 1)
-        A_rows = A[rows.clamp(min=0)]  # (batch, r, d_in)
-        B_rows = B[rows.clamp(min=0)] * keep  # (batch, d_out, r)
+        on = (rows >= 0).nonzero().squeeze(1)
+        if on.numel() < rows.numel():
+            first, last = (int(on[0]), int(on[-1])) if on.numel() else (0, -1)
+            active = slice(first, last + 1) if last + 1 - first == on.numel() else on
+        picked = rows[active] if active is not None else rows
+        A_rows, B_rows = A[picked], B[picked]  # (rows with a LoRA, r, d_in), (…, d_out, r)
+
+    def delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        if conv:  # x: (batch, d_in, H, W)
+            return torch.bmm(b, torch.bmm(a, x.flatten(2)))  # (batch, d_out, HW)
+        x3 = x.reshape(batch, -1, x.shape[-1])  # (batch, L, d_in)
+        return torch.bmm(torch.bmm(x3, a.transpose(1, 2)), b.transpose(1, 2))  # (batch, L, d_out)
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         if not enabled():
@@ -130,6 +144,17 @@ def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv
         if rows is not None:
             if batch != rows.shape[0]:
                 raise ConfigError(f"per-sample LoRA was given {rows.shape[0]} row indices but the batch has {batch} rows")
+            if active is not None:  # only some rows carry a LoRA
+                if A_rows.shape[0] == 0:
+                    return output
+                if isinstance(active, slice):
+                    d = delta(x[active], A_rows, B_rows).view_as(output[active])
+                    if not torch.is_grad_enabled():  # sampling: add into the block in place, no copy of the rest
+                        output[active] += d
+                        return output
+                    return torch.cat([output[: active.start], output[active] + d, output[active.stop :]])
+                d = delta(x.index_select(0, active), A_rows, B_rows)
+                return output.index_add(0, active, d.view((-1, *output.shape[1:])))
             a, b = A_rows, B_rows
         elif batch == n:
             a, b = A, B
@@ -137,12 +162,7 @@ def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv
             a, b = A.repeat(batch // n, 1, 1), B.repeat(batch // n, 1, 1)
         else:
             raise ConfigError(f"per-sample LoRA holds N={n} subjects but the batch has {batch} rows (not a multiple)")
-        if conv:  # x: (batch, d_in, H, W)
-            h = torch.bmm(a, x.flatten(2))  # (batch, r, HW)
-            return output + torch.bmm(b, h).view_as(output)  # (batch, d_out, H, W)
-        x3 = x.reshape(batch, -1, x.shape[-1])  # (batch, L, d_in)
-        h = torch.bmm(x3, a.transpose(1, 2))  # (batch, L, r)
-        return output + torch.bmm(h, b.transpose(1, 2)).view_as(output)  # (batch, L, d_out)
+        return output + delta(x, a, b).view_as(output)
 
     return hook
 

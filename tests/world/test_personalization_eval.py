@@ -287,7 +287,9 @@ def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_di
     assert main(common + ["--w-base", "3", "--w-pers", "1", "--json", str(tmp_path / "a.json")]) == 0
     assert main(common + ["--w-base", "2", "--w-pers", "2", "--kinds", "hm-cfg", "--json", str(tmp_path / "b.json")]) == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
-    assert a["settings"]["hypernet_folders"] == {"e2e": str(hypernet_dir.resolve())}
+    assert list(a["settings"]["hypernet_folders"]) == ["e2e"]
+    folder, digest = a["settings"]["hypernet_folders"]["e2e"].rsplit(" sha256:", 1)
+    assert folder == str(hypernet_dir.resolve()) and len(digest) == 16
     capsys.readouterr()
 
     merged_path, plot = tmp_path / "merged.json", tmp_path / "merged.png"
@@ -323,6 +325,41 @@ def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_di
         err = capsys.readouterr().err
         assert message in err and f"{name}.json" in err, err
         assert not (tmp_path / "bad.json").exists()
+
+
+def test_cli_merge_evals_tells_a_retrained_checkpoint_apart_and_takes_chosen_labels_per_file(
+    tiny_world_model, oracles_dir, hypernet_dir, tmp_path, capsys
+):
+    """A checkpoint retrained into the same folder is another model for merge-evals (its weights digest differs);
+    FILE:LABELS takes only some hypernetworks' rows from an older run (e.g. the DreamBooth-LoRA ceiling)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(hypernet_dir, folder)
+    common = [
+        "world", "eval-personalization", "--model", str(tiny_world_model), "--oracles", str(oracles_dir),
+        "--num-identities", "2", "--prompts", "1", "--steps", "2", "--kinds", "cfg",
+    ]
+    other = tmp_path / "other"
+    shutil.copytree(hypernet_dir, other)
+    assert main(common + ["--hypernet", str(folder), "--label", "e2e", "--hypernet", str(other), "--label", "other",
+                          "--json", str(tmp_path / "old.json")]) == 0
+    weights = load_file(folder / "hypernet.safetensors")  # "retrain": other weights in the same folder
+    save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in weights.items()}, folder / "hypernet.safetensors")
+    assert main(common + ["--hypernet", str(folder), "--label", "e2e", "--json", str(tmp_path / "new.json")]) == 0
+    capsys.readouterr()
+    merged = tmp_path / "merged.json"
+    assert main(["world", "merge-evals", str(tmp_path / "new.json"), str(tmp_path / "old.json"), "--json", str(merged)]) == 2
+    assert "label 'e2e' names hypernetwork" in capsys.readouterr().err and not merged.exists()
+    assert main(["world", "merge-evals", str(tmp_path / "new.json"), f"{tmp_path / 'old.json'}:other", "--json", str(merged)]) == 0
+    rows = json.loads(merged.read_text())["rows"]
+    new = {r["label"]: r for r in json.loads((tmp_path / "new.json").read_text())["rows"]}
+    assert [r["label"] for r in rows] == ["references (renders, k=1)", "e2e cfg g=3", "other cfg g=3"]
+    assert rows[1]["subject"] == pytest.approx(new["e2e cfg g=3"]["subject"])
+    assert main(["world", "merge-evals", str(tmp_path / "new.json"), f"{tmp_path / 'old.json'}:nothing"]) == 2
+    assert "no row of hypernetwork 'nothing'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -101,7 +101,8 @@ def register(subparsers) -> None:
         "scheduler, seed, batch size, base model and oracles, and a hypernetwork label must name one model; a row "
         "label in two files must have the same figures.",
     )
-    merge.add_argument("results", type=Path, nargs="+", help="eval-personalization --json files")
+    merge.add_argument("results", nargs="+", metavar="FILE[:LABELS]",
+                       help="eval-personalization --json files; FILE:a,b takes only hypernetwork labels a and b from that file")
     merge.add_argument("--keep", default=None, help="keep only these hypernetwork labels' rows (with the floor and the references), a list")
     merge.add_argument("--tolerance", type=float, default=0.02, help="subject-fidelity window of the HM-CFG vs CFG comparison")
     merge.add_argument("--json", type=Path, default=None, help="also write the merged rows and comparison here")
@@ -204,13 +205,18 @@ def _merge_evals(args: argparse.Namespace) -> int:
 
     _check_outputs(args)
     results = []
-    for path in args.results:
+    for item in args.results:
+        path, only = Path(item), None
+        if not path.exists() and ":" in item:  # FILE:LABELS (a file whose name holds a colon is still found)
+            name, labels = item.rsplit(":", 1)
+            path, only = Path(name), [k.strip() for k in labels.split(",") if k.strip()]
         try:
-            results.append((str(path), json.loads(path.read_text())))
+            result = json.loads(path.read_text())
         except OSError as e:
             raise ConfigError(f"{str(path)!r} cannot be read ({e.strerror or type(e).__name__})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{str(path)!r} is not a JSON file ({type(e).__name__})") from None
+        results.append((str(path), result if only is None else ev.select_hypernets(result, only, str(path))))
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else None
     return _report(ev.merge_results(results, args.tolerance, keep=keep), args)
 
@@ -244,8 +250,9 @@ def _eval_personalization(args: argparse.Namespace) -> int:
     base = WorldBaseModel.from_pretrained(args.model)
     for folder, hypernet in zip(folders, hypernets.values()):
         ev.check_hypernetwork(hypernet, base, folder)
-    # what each row label stands for, so that merge-evals can refuse one label naming two models
-    sources = {label: str(Path(folder).resolve()) for label, folder in zip(hypernets, folders)}
+    # what each row label stands for (folder and weights digest), so that merge-evals can refuse one label naming two
+    # models, a retrained checkpoint in the same folder included
+    sources = {label: ev.hypernet_source(folder) for label, folder in zip(hypernets, folders)}
     if args.multi_reference:
         modes = [m.strip() for m in args.multi_reference.split(",") if m.strip()]
         hypernets = ev.multi_reference_variants(hypernets, modes)

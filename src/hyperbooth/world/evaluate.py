@@ -703,6 +703,32 @@ def _check_result(source: str, result) -> None:
             raise ConfigError(f"{source}: row {i} is not an eval-personalization row (it needs label, kind, subject, prompt)")
 
 
+def hypernet_source(folder: str | os.PathLike) -> str:
+    """What a row label stands for in a result's ``hypernet_folders``: the resolved folder and the first 16 hex digits
+    of its weights file's SHA-256, so that a checkpoint retrained into the same folder counts as another model."""
+    import hashlib
+
+    folder = Path(folder).resolve()
+    digest = hashlib.sha256()
+    with open(folder / "hypernet.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{folder} sha256:{digest.hexdigest()[:16]}"
+
+
+def select_hypernets(result: Mapping, labels: Sequence[str], source: str = "result") -> dict:
+    """``result`` with only these hypernetwork labels' rows (and the floor and the references), e.g. to take the
+    DreamBooth-LoRA rows of an older run next to a retrained model's; a label the result lacks is refused."""
+    _check_result(source, result)
+    present = {r.get("hypernet") for r in result["rows"]} - {None}
+    missing = [label for label in labels if label not in present]
+    if not labels or missing:
+        raise ConfigError(f"{source}: no row of hypernetwork {(missing or [''])[0]!r} (labels there: {', '.join(sorted(map(str, present)))})")
+    folders = {k: v for k, v in (result["settings"].get("hypernet_folders") or {}).items() if k in labels}
+    return {**result, "rows": [r for r in result["rows"] if r.get("hypernet") is None or r.get("hypernet") in labels],
+            "settings": {**result["settings"], "hypernet_folders": folders}}
+
+
 def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = 0.02, keep: Sequence[str] | None = None) -> dict:
     """Rows of several :func:`evaluate_personalization` runs (``(source, result)`` pairs, e.g. read from their
     ``--json`` files) as one result. The runs must share the protocol (:data:`MERGE_KEYS`) and, for a hypernetwork

@@ -20,6 +20,8 @@ Goals (issue "Generation"): HM-CFG in one call ≤ 1.35× CFG's step; personaliz
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import platform
 import statistics
 import tempfile
@@ -46,8 +48,8 @@ def load_models(random: bool):
     return base, hypernet.eval()
 
 
-def paired(fns: dict, rounds: int) -> dict[str, tuple[float, float]]:
-    """Call every fn once per round (round 0 warms up); → name: (median ms, median ratio to the first fn)."""
+def paired_times(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Call every fn once per round (round 0 warms up); → name: seconds of each later round."""
     times = {name: [] for name in fns}
     for r in range(rounds + 1):
         for name, fn in fns.items():
@@ -55,8 +57,19 @@ def paired(fns: dict, rounds: int) -> dict[str, tuple[float, float]]:
             fn()
             if r:
                 times[name].append(time.perf_counter() - t0)
-    first = next(iter(times.values()))
-    return {name: (statistics.median(ts) * 1e3, statistics.median(a / b for a, b in zip(ts, first))) for name, ts in times.items()}
+    return times
+
+
+def ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Median over rounds of ``name``'s time over ``baseline``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(times[name], times[baseline]))
+
+
+def paired(fns: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """name: (median ms, median ratio to the first fn), over paired rounds."""
+    times = paired_times(fns, rounds)
+    first = next(iter(times))
+    return {name: (statistics.median(ts) * 1e3, ratio(times, name, first)) for name, ts in times.items()}
 
 
 @torch.inference_mode()
@@ -91,7 +104,25 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
         return hm_cfg(uncond, cond, pers, 3.0, 1.0)
 
     torch.testing.assert_close(hm_one_call(), hm_three_calls(), rtol=1e-4, atol=1e-4)  # the same numbers either way
-    return paired({"CFG (personalized, 2N rows)": cfg_step, "HM-CFG, one call (3N rows)": hm_one_call, "HM-CFG, three calls": hm_three_calls}, rounds)
+    fns = {"CFG (personalized, 2N rows)": cfg_step, "HM-CFG, one call (3N rows)": hm_one_call, "HM-CFG, three calls": hm_three_calls}
+    with contextlib.ExitStack() as stack:
+        if n == 1:  # one subject: `generate` runs CFG on a copy of the UNet with the LoRA merged into its weights
+            merged = copy.deepcopy(unet)
+            stack.enter_context(LoRAInjector(merged).apply(weights, mode="merged"))
+
+            def cfg_merged():
+                out = merged(x_t.repeat(2, 1, 1, 1), t.repeat(2), encoder_hidden_states=s2, encoder_attention_mask=m2).sample
+                return cfg(*out.chunk(2), 3.0)
+
+            torch.testing.assert_close(cfg_merged(), cfg_step(), rtol=1e-3, atol=1e-4)
+            fns["CFG, LoRA merged (generate's path for one subject)"] = cfg_merged
+        times = paired_times(fns, rounds)
+    rows = {name: (statistics.median(ts) * 1e3, ratio(times, name, "CFG (personalized, 2N rows)")) for name, ts in times.items()}
+    if n == 1:
+        name = "HM-CFG, one call, against CFG with the LoRA merged"
+        rows[name] = (statistics.median(times["HM-CFG, one call (3N rows)"]) * 1e3,
+                      ratio(times, "HM-CFG, one call (3N rows)", "CFG, LoRA merged (generate's path for one subject)"))
+    return rows
 
 
 @torch.inference_mode()

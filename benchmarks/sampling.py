@@ -106,7 +106,8 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
     torch.testing.assert_close(hm_one_call(), hm_three_calls(), rtol=1e-4, atol=1e-4)  # the same numbers either way
     fns = {"CFG (personalized, 2N rows)": cfg_step, "HM-CFG, one call (3N rows)": hm_one_call, "HM-CFG, three calls": hm_three_calls}
     with contextlib.ExitStack() as stack:
-        if n == 1:  # one subject: `generate` runs CFG on a copy of the UNet with the LoRA merged into its weights
+        if n == 1:  # one subject: `generate` merges the LoRA into the UNet's weights for CFG (here on a copy, so the
+            # hooked rows above keep the plain weights)
             merged = copy.deepcopy(unet)
             stack.enter_context(LoRAInjector(merged).apply(weights, mode="merged"))
 

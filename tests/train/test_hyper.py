@@ -47,6 +47,11 @@ def test_save_pretrained_in_fp16_halves_the_file_and_loads_back(tmp_path):
         a, b = net.eval()(refs).deltas(), loaded(refs).deltas()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-2, atol=1e-3)
+    with torch.no_grad():
+        next(iter(net.head_B.values())).weight[0, 0] = 1e6  # beyond fp16's range
+    with pytest.raises(CheckpointError, match="overflow"):
+        net.save_pretrained(tmp_path / "overflow", dtype=torch.float16)
+    assert not (tmp_path / "overflow").exists()  # nothing half-written
 
 
 def test_three_steps_checkpoint_and_exact_resume(tiny_world_model, tmp_path):

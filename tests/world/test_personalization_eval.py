@@ -344,7 +344,7 @@ def test_cli_merge_evals_tells_a_retrained_checkpoint_apart_and_takes_chosen_lab
     ]
     other = tmp_path / "other"
     shutil.copytree(hypernet_dir, other)
-    assert main(common + ["--hypernet", str(folder), "--label", "e2e", "--hypernet", str(other), "--label", "other",
+    assert main(common + ["--hypernet", str(folder), "--label", "e2e", "--hypernet", str(other), "--label", "other:x",
                           "--json", str(tmp_path / "old.json")]) == 0
     weights = load_file(folder / "hypernet.safetensors")  # "retrain": other weights in the same folder
     save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in weights.items()}, folder / "hypernet.safetensors")
@@ -353,13 +353,15 @@ def test_cli_merge_evals_tells_a_retrained_checkpoint_apart_and_takes_chosen_lab
     merged = tmp_path / "merged.json"
     assert main(["world", "merge-evals", str(tmp_path / "new.json"), str(tmp_path / "old.json"), "--json", str(merged)]) == 2
     assert "label 'e2e' names hypernetwork" in capsys.readouterr().err and not merged.exists()
-    assert main(["world", "merge-evals", str(tmp_path / "new.json"), f"{tmp_path / 'old.json'}:other", "--json", str(merged)]) == 0
+    assert main(["world", "merge-evals", str(tmp_path / "new.json"), f"{tmp_path / 'old.json'}:other:x", "--json", str(merged)]) == 0
     rows = json.loads(merged.read_text())["rows"]
     new = {r["label"]: r for r in json.loads((tmp_path / "new.json").read_text())["rows"]}
-    assert [r["label"] for r in rows] == ["references (renders, k=1)", "e2e cfg g=3", "other cfg g=3"]
+    assert [r["label"] for r in rows] == ["references (renders, k=1)", "e2e cfg g=3", "other:x cfg g=3"]
     assert rows[1]["subject"] == pytest.approx(new["e2e cfg g=3"]["subject"])
     assert main(["world", "merge-evals", str(tmp_path / "new.json"), f"{tmp_path / 'old.json'}:nothing"]) == 2
     assert "no row of hypernetwork 'nothing'" in capsys.readouterr().err
+    assert main(["world", "merge-evals", str(tmp_path / "new.json"), f"{tmp_path / 'old.json'}:"]) == 2
+    assert "no hypernetwork labels after the colon" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -105,22 +105,34 @@ def check_compatible(model: nn.Module, weights: LoRAWeights, source: str = "LoRA
     return resolved
 
 
-def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv: bool, enabled: Callable[[], bool] = lambda: True):
+def _lora_rows(rows: torch.Tensor | None) -> torch.Tensor | slice | None:
+    """The rows that carry a LoRA when not all do: a slice when they are one contiguous block, else their indices;
+    ``None`` when every row does. Computed once per :meth:`LoRAInjector.apply` (it reads ``rows`` on the host)."""
+    if rows is None:
+        return None
+    on = (rows >= 0).nonzero().squeeze(1).cpu()
+    if on.numel() == rows.numel():
+        return None
+    first, last = (int(on[0]), int(on[-1])) if on.numel() else (0, -1)
+    return slice(first, last + 1) if last + 1 - first == on.numel() else on.to(rows.device)
+
+
+def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv: bool, enabled: Callable[[], bool] = lambda: True,
+               active: torch.Tensor | slice | None | str = "auto"):
     """A forward hook adding ``B (A x)`` per row. ``A (N, r, d_in)``, ``B (N, d_out, r)`` with the scale folded in.
 
     ``rows``: ``(batch,)`` subject index per row, -1 for none; ``None`` means row ``i`` uses subject ``i mod N``.
     Rows marked -1 (HM-CFG's base rows) are left out of the LoRA matmuls altogether: their output is the module's
     own, at no extra cost; when the LoRA rows are one contiguous block (``[-1, -1, 0]``, ``[-1]*2N + [0..N-1]``) they
-    are a slice, with no gather.
+    are a slice, with no gather; when sampling (no autograd) their delta is added into the module's output tensor in
+    place, so a hook registered earlier that kept that tensor sees the LoRA'd values. ``active``: :func:`_lora_rows`
+    of ``rows``, precomputed once for all modules (``"auto"``: computed here).
     ``enabled()`` false: the module's own output (see :meth:`LoRAInjector.disabled`).
     """
     n = A.shape[0]
-    active: torch.Tensor | slice | None = None  # the rows that carry a LoRA, when not all of them do
+    if isinstance(active, str):
+        active = _lora_rows(rows)
     if rows is not None:
-        on = (rows >= 0).nonzero().squeeze(1)
-        if on.numel() < rows.numel():
-            first, last = (int(on[0]), int(on[-1])) if on.numel() else (0, -1)
-            active = slice(first, last + 1) if last + 1 - first == on.numel() else on
         picked = rows[active] if active is not None else rows
         A_rows, B_rows = A[picked], B[picked]  # (rows with a LoRA, r, d_in), (…, d_out, r)
 
@@ -229,6 +241,7 @@ class LoRAInjector:
     @contextmanager
     def _hooked(self, weights, modules, rows, scale):
         handles = []
+        active_by_device: dict = {}  # the LoRA rows, worked out once (not once per module: a host sync each on a GPU)
         try:
             for name, module in modules.items():
                 layer = weights[name]
@@ -236,8 +249,11 @@ class LoRAInjector:
                 A = layer.A.to(device=w.device, dtype=w.dtype)
                 B = (layer.B * (layer.scale * scale)).to(device=w.device, dtype=w.dtype)
                 r = None if rows is None else rows.to(w.device)
+                if r is not None and r.device not in active_by_device:
+                    active_by_device[r.device] = _lora_rows(r)
                 conv = isinstance(base_module(module), nn.Conv2d)
-                handles.append(module.register_forward_hook(_lora_hook(A, B, r, conv, lambda: self._enabled)))
+                active = None if r is None else active_by_device[r.device]
+                handles.append(module.register_forward_hook(_lora_hook(A, B, r, conv, lambda: self._enabled, active=active)))
             yield
         finally:
             for handle in handles:

@@ -138,10 +138,13 @@ class E2EHyperNetwork(nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            overflow = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+            if overflow is not None:
+                raise CheckpointError(f"{overflow} does not fit in {dtype} (values overflow to inf); save in full precision instead")
+        folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"hyperbooth.method": METHOD}))
         meta = {"method": METHOD, "config": asdict(self.config), "target_shapes": self.target_shapes, **(extra or {})}
         atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))

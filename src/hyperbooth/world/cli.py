@@ -207,9 +207,12 @@ def _merge_evals(args: argparse.Namespace) -> int:
     results = []
     for item in args.results:
         path, only = Path(item), None
-        if not path.exists() and ":" in item:  # FILE:LABELS (a file whose name holds a colon is still found)
-            name, labels = item.rsplit(":", 1)
-            path, only = Path(name), [k.strip() for k in labels.split(",") if k.strip()]
+        if not path.exists() and ":" in item:  # FILE:LABELS; labels may hold colons (e2e:tokens), so may file names
+            cuts = [i for i, ch in enumerate(item) if ch == ":"]
+            cut = next((i for i in cuts if Path(item[:i]).is_file()), cuts[0])
+            path, only = Path(item[:cut]), [k.strip() for k in item[cut + 1 :].split(",") if k.strip()]
+            if not only:
+                raise ConfigError(f"{item!r}: no hypernetwork labels after the colon (FILE:LABELS takes a list, e.g. {path}:e2e)")
         try:
             result = json.loads(path.read_text())
         except OSError as e:

@@ -710,7 +710,9 @@ def hypernet_source(folder: str | os.PathLike) -> str:
 
     folder = Path(folder).resolve()
     digest = hashlib.sha256()
-    with open(folder / "hypernet.safetensors", "rb") as f:
+    from hyperbooth.methods.e2e import WEIGHTS_NAME
+
+    with open(folder / WEIGHTS_NAME, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return f"{folder} sha256:{digest.hexdigest()[:16]}"
@@ -750,7 +752,11 @@ def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = 0.0
                 raise ConfigError(f"{source}: setting {key!r} differs from {first_source} ({mine!r} vs {theirs!r}); only runs of one protocol can share a table")
         for label, folder in (result["settings"].get("hypernet_folders") or {}).items():
             if folders.setdefault(label, folder) != folder:
-                raise ConfigError(f"{source}: label {label!r} names hypernetwork {folder!r} here but {folders[label]!r} in an earlier file")
+                raise ConfigError(
+                    f"{source}: label {label!r} names hypernetwork {folder!r} here but {folders[label]!r} in an earlier file "
+                    "(another folder, retrained weights, or a file written before labels carried a weights digest); "
+                    "label the runs apart or take rows per file with FILE:LABELS"
+                )
         for row in result["rows"]:
             row = {k: float("nan") if v is None and k not in SETTING_FIELDS else v for k, v in row.items()}  # JSON null → NaN
             old = rows.get(row["label"])

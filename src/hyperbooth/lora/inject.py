@@ -117,8 +117,8 @@ def _lora_rows(rows: torch.Tensor | None) -> torch.Tensor | slice | None:
     return slice(first, last + 1) if last + 1 - first == on.numel() else on.to(rows.device)
 
 
-def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv: bool, enabled: Callable[[], bool] = lambda: True,
-               active: torch.Tensor | slice | None | str = "auto"):
+def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, active: torch.Tensor | slice | None, conv: bool,
+               enabled: Callable[[], bool] = lambda: True):
     """A forward hook adding ``B (A x)`` per row. ``A (N, r, d_in)``, ``B (N, d_out, r)`` with the scale folded in.
 
     ``rows``: ``(batch,)`` subject index per row, -1 for none; ``None`` means row ``i`` uses subject ``i mod N``.
@@ -126,12 +126,10 @@ def _lora_hook(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor | None, conv
     own, at no extra cost; when the LoRA rows are one contiguous block (``[-1, -1, 0]``, ``[-1]*2N + [0..N-1]``) they
     are a slice, with no gather; when sampling (no autograd) their delta is added into the module's output tensor in
     place, so a hook registered earlier that kept that tensor sees the LoRA'd values. ``active``: :func:`_lora_rows`
-    of ``rows``, precomputed once for all modules (``"auto"``: computed here).
+    of ``rows``, worked out once for all modules.
     ``enabled()`` false: the module's own output (see :meth:`LoRAInjector.disabled`).
     """
     n = A.shape[0]
-    if isinstance(active, str):
-        active = _lora_rows(rows)
     if rows is not None:
         picked = rows[active] if active is not None else rows
         A_rows, B_rows = A[picked], B[picked]  # (rows with a LoRA, r, d_in), (…, d_out, r)
@@ -241,7 +239,7 @@ class LoRAInjector:
     @contextmanager
     def _hooked(self, weights, modules, rows, scale):
         handles = []
-        active_by_device: dict = {}  # the LoRA rows, worked out once (not once per module: a host sync each on a GPU)
+        active = _lora_rows(rows)  # once, not once per module (it reads the rows on the host: a sync on a GPU)
         try:
             for name, module in modules.items():
                 layer = weights[name]
@@ -249,11 +247,9 @@ class LoRAInjector:
                 A = layer.A.to(device=w.device, dtype=w.dtype)
                 B = (layer.B * (layer.scale * scale)).to(device=w.device, dtype=w.dtype)
                 r = None if rows is None else rows.to(w.device)
-                if r is not None and r.device not in active_by_device:
-                    active_by_device[r.device] = _lora_rows(r)
+                on = active.to(w.device) if isinstance(active, torch.Tensor) else active
                 conv = isinstance(base_module(module), nn.Conv2d)
-                active = None if r is None else active_by_device[r.device]
-                handles.append(module.register_forward_hook(_lora_hook(A, B, r, conv, lambda: self._enabled, active=active)))
+                handles.append(module.register_forward_hook(_lora_hook(A, B, r, on, conv, lambda: self._enabled)))
             yield
         finally:
             for handle in handles:

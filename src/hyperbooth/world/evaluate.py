@@ -708,10 +708,10 @@ def hypernet_source(folder: str | os.PathLike) -> str:
     of its weights file's SHA-256, so that a checkpoint retrained into the same folder counts as another model."""
     import hashlib
 
-    folder = Path(folder).resolve()
-    digest = hashlib.sha256()
     from hyperbooth.methods.e2e import WEIGHTS_NAME
 
+    folder = Path(folder).resolve()
+    digest = hashlib.sha256()
     with open(folder / WEIGHTS_NAME, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -769,11 +769,6 @@ def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = 0.0
                     f"{source}: row {row['label']!r} has other figures than in an earlier file (subject {row['subject']:.6g} vs "
                     f"{old['subject']:.6g}, prompt {row['prompt']:.6g} vs {old['prompt']:.6g}); label the runs apart"
                 )
-    if keep is not None:
-        present = {r.get("hypernet") for r in rows.values()}
-        missing = [label for label in keep if label not in present]
-        if missing:
-            raise ConfigError(f"--keep: no row of hypernetwork {missing[0]!r} in {', '.join(src for src, _ in results)} (labels there: {', '.join(sorted(str(p) for p in present if p))})")
     kinds = {"references": 0, "floor": 1, "cfg": 2, "hm-cfg": 3}
     models = list(dict.fromkeys(r.get("hypernet") for r in rows.values()))
 
@@ -784,9 +779,11 @@ def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = 0.0
         return (personalized, models.index(r.get("hypernet")), 0 if personalized else kind, r.get("refs") or 0, kind,
                 r.get("guidance_scale") or 0, -(r.get("w_base") or 0), r.get("w_pers") or 0, interval)
 
-    merged = sorted((r for r in rows.values() if keep is None or r.get("hypernet") is None or r.get("hypernet") in keep), key=order)
     settings = {**first["settings"], "tolerance": tolerance, "hypernet_folders": folders, "merged_from": [src for src, _ in results]}
-    return {"rows": merged, "comparison": compare_hm_cfg(merged, tolerance), "settings": settings}
+    merged = {"rows": sorted(rows.values(), key=order), "settings": settings}
+    if keep is not None:
+        merged = select_hypernets(merged, keep, f"--keep over {', '.join(src for src, _ in results)}")
+    return {**merged, "comparison": compare_hm_cfg(merged["rows"], tolerance)}
 
 
 def _fmt(value, digits: int = 3, signed: bool = False) -> str:

@@ -1,8 +1,11 @@
 """Sampling-step and personalization latency, as ratios against baselines measured in the same run.
 
-1. One denoising step for N subjects: CFG of the personalized model (``[P(∅); P(c)]``, one call of 2N rows),
-   HM-CFG in one call (``[B(∅); B(c); P(c)]``, 3N rows, base rows carry no LoRA), and HM-CFG as three separate
-   calls (what a pipeline without per-sample LoRA does). Ratio: each against CFG's step, paired per round.
+1. One denoising step for N subjects: CFG as ``generate`` runs it (one subject: the LoRA merged into the weights;
+   several: per-sample rows ``[P(∅); P(c)]``, one call of 2N rows), HM-CFG in one call (``[B(∅); B(c); P(c)]``, 3N
+   rows, base rows carry no LoRA), and HM-CFG as three separate calls (what a pipeline without per-sample LoRA
+   does). Each LoRA is applied once before the timed steps, as ``generate`` applies it once per image; applying it
+   is timed as a row of its own. The UNet alone at 3N and 2N rows (no LoRA) gives what a third row costs on the
+   machine, the floor under HM-CFG's ratio. Ratios: against the first row, paired per round.
 2. Whole images (``generate``): CFG, HM-CFG at every step, and HM-CFG with a timestep interval (the personalized
    branch on the noisier steps only; the others run the base rows alone).
 3. Personalization: images → ``LoRAWeights`` (the whole hypernetwork pass) and images → a ``.safetensors`` file,
@@ -14,7 +17,7 @@ transformers architecture from its config, random weights, loaded with ``from_pr
 the same e2e decoder emitting LoRA for the SD 1.5 UNet's targets (shapes read from the UNet built on the meta device).
 Goals (issue "Generation"): HM-CFG in one call ≤ 1.35× CFG's step; personalization ≤ 2× the encoder's forward.
 
-    python benchmarks/sampling.py [--subjects 1 4] [--rounds 15] [--random] [--interval 0.5 1] [--sd15]
+    python benchmarks/sampling.py [--subjects 1 4] [--rounds 15] [--threads T] [--random] [--interval 0.5 1] [--sd15]
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ def paired(fns: dict, rounds: int) -> dict[str, tuple[float, float]]:
 
 @torch.inference_mode()
 def bench_step(base, hypernet, n: int, rounds: int) -> dict:
+    """One denoising step of N subjects, each variant on its own copy of the UNet with its LoRA applied once before
+    the timed steps, as ``generate`` applies it once per image (applying it is a row of its own). The baseline is
+    CFG as ``generate`` runs it: the LoRA merged into the weights for one subject, per-sample rows for several.
+    ``UNet alone`` rows are the same calls with no LoRA at all: what 3N rows cost against 2N on this machine."""
     unet = base.unet
     g = torch.Generator().manual_seed(n)
     res = base.resolution
@@ -83,46 +90,53 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
     prompts = [f"a sks toy in the snow {i}" for i in range(n)]
     s2, m2 = base.encode([""] * n + prompts)  # CFG: [∅; c]
     s3, m3 = base.encode([""] * n + prompts + prompts)  # HM-CFG: [∅; c; c]
-    injector = LoRAInjector(unet)
+    rows2 = torch.cat([torch.arange(n), torch.arange(n)])
     rows3 = torch.cat([torch.full((2 * n,), -1), torch.arange(n)])
 
-    def cfg_step():
-        with injector.apply(weights, mode="per_sample", rows=torch.cat([torch.arange(n), torch.arange(n)])):
-            out = unet(x_t.repeat(2, 1, 1, 1), t.repeat(2), encoder_hidden_states=s2, encoder_attention_mask=m2).sample
-        return cfg(*out.chunk(2), 3.0)
+    def call2(model):
+        return model(x_t.repeat(2, 1, 1, 1), t.repeat(2), encoder_hidden_states=s2, encoder_attention_mask=m2).sample
 
-    def hm_one_call():
-        with injector.apply(weights, mode="per_sample", rows=rows3):
-            out = unet(x_t.repeat(3, 1, 1, 1), t.repeat(3), encoder_hidden_states=s3, encoder_attention_mask=m3).sample
-        return hm_cfg(*out.chunk(3), 3.0, 1.0)
+    def call3(model):
+        return model(x_t.repeat(3, 1, 1, 1), t.repeat(3), encoder_hidden_states=s3, encoder_attention_mask=m3).sample
 
-    def hm_three_calls():
-        uncond = unet(x_t, t, encoder_hidden_states=s3[:n], encoder_attention_mask=m3[:n]).sample
-        cond = unet(x_t, t, encoder_hidden_states=s3[n : 2 * n], encoder_attention_mask=m3[n : 2 * n]).sample
-        with injector.apply(weights, mode="per_sample"):
-            pers = unet(x_t, t, encoder_hidden_states=s3[2 * n :], encoder_attention_mask=m3[2 * n :]).sample
-        return hm_cfg(uncond, cond, pers, 3.0, 1.0)
-
-    torch.testing.assert_close(hm_one_call(), hm_three_calls(), rtol=1e-4, atol=1e-4)  # the same numbers either way
-    fns = {"CFG (personalized, 2N rows)": cfg_step, "HM-CFG, one call (3N rows)": hm_one_call, "HM-CFG, three calls": hm_three_calls}
     with contextlib.ExitStack() as stack:
-        if n == 1:  # one subject: `generate` merges the LoRA into the UNet's weights for CFG (here on a copy, so the
-            # hooked rows above keep the plain weights)
-            merged = copy.deepcopy(unet)
-            stack.enter_context(LoRAInjector(merged).apply(weights, mode="merged"))
 
-            def cfg_merged():
-                out = merged(x_t.repeat(2, 1, 1, 1), t.repeat(2), encoder_hidden_states=s2, encoder_attention_mask=m2).sample
-                return cfg(*out.chunk(2), 3.0)
+        def with_lora(**kw):  # a copy of the UNet holding the LoRA for the whole benchmark
+            model = copy.deepcopy(unet)
+            stack.enter_context(LoRAInjector(model).apply(weights, **kw))
+            return model
 
-            torch.testing.assert_close(cfg_merged(), cfg_step(), rtol=1e-3, atol=1e-4)
-            fns["CFG, LoRA merged (generate's path for one subject)"] = cfg_merged
+        per_sample_cfg, hm, pers = with_lora(mode="per_sample", rows=rows2), with_lora(mode="per_sample", rows=rows3), with_lora(mode="per_sample")
+        fns = {}
+        if n == 1:
+            merged = with_lora(mode="merged")
+            fns["CFG, LoRA merged (generate's path for one subject)"] = lambda: cfg(*call2(merged).chunk(2), 3.0)
+        fns["CFG, per-sample LoRA (2N rows)"] = lambda: cfg(*call2(per_sample_cfg).chunk(2), 3.0)
+        fns["HM-CFG, one call (3N rows)"] = lambda: hm_cfg(*call3(hm).chunk(3), 3.0, 1.0)
+
+        def hm_three_calls():
+            uncond = unet(x_t, t, encoder_hidden_states=s3[:n], encoder_attention_mask=m3[:n]).sample
+            cond = unet(x_t, t, encoder_hidden_states=s3[n : 2 * n], encoder_attention_mask=m3[n : 2 * n]).sample
+            p = pers(x_t, t, encoder_hidden_states=s3[2 * n :], encoder_attention_mask=m3[2 * n :]).sample
+            return hm_cfg(uncond, cond, p, 3.0, 1.0)
+
+        def apply_hooks():  # what generate pays once per image before its steps
+            with LoRAInjector(unet).apply(weights, mode="per_sample", rows=rows3):
+                pass
+
+        fns["HM-CFG, three calls"] = hm_three_calls
+        fns["UNet alone, 2N rows (no LoRA)"] = lambda: call2(unet)
+        fns["UNet alone, 3N rows (no LoRA)"] = lambda: call3(unet)
+        fns["applying the per-sample LoRA (once per image)"] = apply_hooks
+        torch.testing.assert_close(fns["HM-CFG, one call (3N rows)"](), hm_three_calls(), rtol=1e-4, atol=1e-4)  # same numbers
+        if n == 1:
+            torch.testing.assert_close(fns["CFG, LoRA merged (generate's path for one subject)"](), fns["CFG, per-sample LoRA (2N rows)"](), rtol=1e-3, atol=1e-4)
         times = paired_times(fns, rounds)
-    rows = {name: (statistics.median(ts) * 1e3, ratio(times, name, "CFG (personalized, 2N rows)")) for name, ts in times.items()}
-    if n == 1:
-        name = "HM-CFG, one call, against CFG with the LoRA merged"
-        rows[name] = (statistics.median(times["HM-CFG, one call (3N rows)"]) * 1e3,
-                      ratio(times, "HM-CFG, one call (3N rows)", "CFG, LoRA merged (generate's path for one subject)"))
+    baseline = next(iter(fns))
+    rows = {name: (statistics.median(ts) * 1e3, ratio(times, name, baseline)) for name, ts in times.items()}
+    floor = "UNet alone, 3N rows vs 2N rows (no LoRA: the machine's cost of a third row)"
+    rows[floor] = (statistics.median(times["UNet alone, 3N rows (no LoRA)"]) * 1e3,
+                   ratio(times, "UNet alone, 3N rows (no LoRA)", "UNet alone, 2N rows (no LoRA)"))
     return rows
 
 
@@ -196,18 +210,23 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, nargs="+", default=[1, 4], help="N subjects sampled together")
     parser.add_argument("--refs", type=int, nargs="+", default=[1, 3], help="reference images per subject")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, from OMP_NUM_THREADS)")
     parser.add_argument("--random", action="store_true", help="random weights instead of the shipped models")
     parser.add_argument("--image-steps", type=int, default=15, help="sampling steps of the whole-image rows")
     parser.add_argument("--interval", type=float, nargs=2, default=(0.5, 1.0), metavar=("LO", "HI"), help="HM-CFG timestep interval of the whole-image row")
     parser.add_argument("--sd15", action="store_true", help="also personalization latency at SD 1.5 scale (CLIP ViT-L/14 encoder)")
     parser.add_argument("--sd15-rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
 
     base, hypernet = load_models(args.random)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"world UNet {sum(p.numel() for p in base.unet.parameters()) / 1e6:.1f}M params at {base.resolution}x{base.resolution}, "
           f"LoRA on {len(target_shapes(base.unet, hypernet.config.targets))} modules, rank {hypernet.config.rank}")
-    print("\n| N subjects | one denoising step | ms (median) | ratio to CFG (median of paired rounds) |\n|---|---|---|---|")
+    print("\n| N subjects | one denoising step | ms (median) | ratio to the first row, CFG as generate runs it (median of paired rounds) |\n|---|---|---|---|")
     for n in args.subjects:
         for name, (ms, ratio) in bench_step(base, hypernet, n, args.rounds).items():
             print(f"| {n} | {name} | {ms:.1f} | {ratio:.3f}x |")

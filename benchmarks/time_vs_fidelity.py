@@ -152,11 +152,28 @@ def summarize(per_identity: list[list[dict]], steps: list[int]) -> list[dict]:
 
 #: settings that change the DreamBooth-LoRA curve; a reused curve must have been made with the same ones
 CURVE_SETTINGS = ("model", "oracles", "k", "contexts", "rank", "lr", "prior_preservation", "num_class_images", "sample_steps", "guidance_scale", "seed")
+#: folder settings compared by their weights (``weights_digest``) when both runs recorded them, else by path
+WEIGHT_FOLDERS = {"model": "model_weights", "oracles": "oracles_weights"}
 
 
-def reused_curve(path: Path, args, identities: list[int], steps: list[int]) -> list[list[dict]]:
+def weights_digest(folder: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of a folder's ``.safetensors`` files (relative names and bytes, in
+    name order): the same weights in another folder, or reached by another path, give the same digest."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def reused_curve(path: Path, args, weights: dict[str, str], identities: list[int], steps: list[int]) -> list[list[dict]]:
     """The per-identity DreamBooth-LoRA rows of an earlier run's JSON, after checking it was made with the same
-    settings, identities and checkpoints (the machine and thread count are the user's to keep equal)."""
+    settings, identities and checkpoints (the machine and thread count are the user's to keep equal). ``weights``:
+    this run's :data:`WEIGHT_FOLDERS` digests; the base model and the oracles are compared by them."""
     from hyperbooth.errors import ConfigError
 
     try:
@@ -165,7 +182,11 @@ def reused_curve(path: Path, args, identities: list[int], steps: list[int]) -> l
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--reuse-curve {str(path)!r} is not a time_vs_fidelity JSON ({type(e).__name__}: {e})") from None
     now = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    now.update(weights)
     for key in CURVE_SETTINGS:
+        by_weights = WEIGHT_FOLDERS.get(key)
+        if by_weights is not None and by_weights in settings:  # older JSONs lack the digests: compared by path
+            key = by_weights
         if settings.get(key) != now.get(key):
             raise ConfigError(f"--reuse-curve {str(path)!r} was made with {key}={settings.get(key)!r}, this run has {key}={now.get(key)!r}")
     if old.get("identities") != identities or settings.get("checkpoints") != steps:
@@ -271,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     from hyperbooth.errors import ConfigError
     from hyperbooth.files import atomic_write
     from hyperbooth.finetune import FinetuneConfig
-    from hyperbooth.world.base_model import WorldBaseModel
+    from hyperbooth.world.base_model import SHIPPED_BASE_MODEL, WorldBaseModel
     from hyperbooth.world.contexts import Context
     from hyperbooth.world.evaluate import reference_images
     from hyperbooth.world.identity import make_identity
-    from hyperbooth.world.oracles import Oracles
+    from hyperbooth.world.oracles import SHIPPED_ORACLES, Oracles
     from hyperbooth.world.splits import identity_seeds
 
     if args.identities < 1 or args.k < 1 or args.max_steps < 0:
@@ -303,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = FinetuneConfig(steps=max(max_steps, 1), rank=args.rank, lr=args.lr, prior_preservation=args.prior_preservation,
                          num_class_images=args.num_class_images, seed=args.seed)
+    weights = {"model_weights": weights_digest(args.model or SHIPPED_BASE_MODEL), "oracles_weights": weights_digest(args.oracles or SHIPPED_ORACLES)}
     per_identity = []
     if args.reuse_curve is not None:
-        per_identity = reused_curve(args.reuse_curve, args, [seed for seed, _, _ in identities], steps)
+        per_identity = reused_curve(args.reuse_curve, args, weights, [seed for seed, _, _ in identities], steps)
         print(f"DreamBooth-LoRA curve of {len(per_identity)} identities taken from {args.reuse_curve}")
     for index, (seed, class_name, refs) in enumerate(identities):
         if args.reuse_curve is not None:
@@ -352,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "machine": machine, "command": command,
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "checkpoints": steps},
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, **weights, "checkpoints": steps},
         "identities": [seed for seed, _, _ in identities],
         "dreambooth_lora": {"curve": curve, "per_identity": per_identity},
         "base_floor_subject_fidelity": floor,

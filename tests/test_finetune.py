@@ -252,3 +252,13 @@ def test_benchmark_runs_end_to_end_on_tiny_models(tiny_world_model, tmp_path, ca
         _benchmark().main([*args, "--lr", "1e-3"])
     with pytest.raises(ConfigError, match="identities"):
         _benchmark().main([*args[:-1], str(tmp_path / "r.json"), "--identities", "1"])
+    # the base model and the oracles are compared by their weights, not their paths
+    import shutil
+
+    assert result["settings"]["oracles_weights"] == _benchmark().weights_digest(oracles)
+    copied = shutil.copytree(oracles, tmp_path / "same_oracles_elsewhere")
+    assert _benchmark().main([str(copied) if a == str(oracles) else a for a in args]) == 0
+    assert "taken from" in capsys.readouterr().out
+    other = save_oracles(tmp_path / "other_oracles", IdentityEncoder(), ContextClassifier(), OracleTrainConfig(), {})
+    with pytest.raises(ConfigError, match="oracles_weights"):
+        _benchmark().main([str(other) if a == str(oracles) else a for a in args])

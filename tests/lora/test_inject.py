@@ -88,7 +88,11 @@ def test_rows_without_lora_match_base_and_repeat_rule(unet):
     torch.testing.assert_close(mixed[1], explicit[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [[-1, -1, 0, 1], [0, -1, -1, 1], [-1, 1, -1, -1], [-1, -1, -1, -1]])
+# several subjects on the LoRA rows (bmm) and one subject on them (plain matmuls), in slice, gather and all-rows layouts
+LAYOUTS = [[-1, -1, 0, 1], [0, -1, -1, 1], [-1, 1, -1, -1], [-1, -1, -1, -1], [-1, -1, 1, 1], [1, -1, 1, -1], [1, 1, 1, 1], [0, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("rows", LAYOUTS)
 def test_rows_without_lora_skip_the_matmuls_and_match_separate_runs(unet, rows):
     """Base rows are left out of the LoRA matmuls (a slice when the LoRA rows are contiguous, a gather otherwise);
     with gradients on, in ``no_grad`` and in ``inference_mode`` every row equals its own separate run."""
@@ -109,9 +113,9 @@ def test_rows_without_lora_skip_the_matmuls_and_match_separate_runs(unet, rows):
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [[-1, -1, 0, 1], [0, -1, -1, 1]])
+@pytest.mark.parametrize("rows", [r for r in LAYOUTS if max(r) >= 0])
 def test_gradients_with_rows_without_lora_equal_those_of_separate_runs(unet, rows):
-    """The slice (contiguous LoRA rows) and gather layouts give the factors the gradients of per-row runs."""
+    """Every layout gives the factors the gradients of per-row runs (zero for a subject no row uses)."""
     x_t, t, cond = _inputs(4)
     base = _lora(unet, 2)
 

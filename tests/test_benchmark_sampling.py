@@ -1,0 +1,37 @@
+"""``benchmarks/sampling.py``: its step variants compute the same guidance (checked inside ``bench_step``) and its
+ratios are medians of per-round ratios. Timings themselves are never asserted."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
+
+
+@pytest.fixture(scope="module")
+def sampling():
+    spec = importlib.util.spec_from_file_location("sampling_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ratio_is_the_median_of_paired_rounds(sampling):
+    times = {"base": [2.0, 2.0, 4.0], "other": [1.0, 4.0, 6.0]}
+    assert sampling.ratio(times, "other", "base") == pytest.approx(1.5)  # rounds: 0.5, 2.0, 1.5
+    assert sampling.ratio(times, "base", "base") == 1.0
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_step_rows_on_the_shipped_models(sampling, n):
+    """One subject: the baseline is CFG with the LoRA merged (generate's path); several: per-sample CFG. Inside,
+    HM-CFG in one call is checked against three calls and merged CFG against per-sample CFG."""
+    base, hypernet = sampling.load_models(random=False)
+    rows = sampling.bench_step(base, hypernet, n, rounds=1)
+    first = next(iter(rows))
+    assert first == ("CFG, LoRA merged (generate's path for one subject)" if n == 1 else "CFG, per-sample LoRA (2N rows)")
+    assert rows[first][1] == 1.0
+    for name in ("HM-CFG, one call (3N rows)", "HM-CFG, three calls", "applying the per-sample LoRA (once per image)"):
+        assert rows[name][0] > 0
+    assert any(name.startswith("UNet alone, 3N rows vs 2N rows") for name in rows)

@@ -90,7 +90,6 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
     prompts = [f"a sks toy in the snow {i}" for i in range(n)]
     s2, m2 = base.encode([""] * n + prompts)  # CFG: [∅; c]
     s3, m3 = base.encode([""] * n + prompts + prompts)  # HM-CFG: [∅; c; c]
-    rows2 = torch.cat([torch.arange(n), torch.arange(n)])
     rows3 = torch.cat([torch.full((2 * n,), -1), torch.arange(n)])
 
     def call2(model):
@@ -106,7 +105,8 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
             stack.enter_context(LoRAInjector(model).apply(weights, **kw))
             return model
 
-        per_sample_cfg, hm, pers = with_lora(mode="per_sample", rows=rows2), with_lora(mode="per_sample", rows=rows3), with_lora(mode="per_sample")
+        # CFG's rows as generate lays them out ([P(∅) x N; P(c) x N], rows=None: row i uses subject i mod N)
+        per_sample_cfg, hm, pers = with_lora(mode="per_sample"), with_lora(mode="per_sample", rows=rows3), with_lora(mode="per_sample")
         fns = {}
         if n == 1:
             merged = with_lora(mode="merged")
@@ -129,6 +129,9 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
         fns["UNet alone, 3N rows (no LoRA)"] = lambda: call3(unet)
         fns["applying the per-sample LoRA (once per image)"] = apply_hooks
         torch.testing.assert_close(fns["HM-CFG, one call (3N rows)"](), hm_three_calls(), rtol=1e-4, atol=1e-4)  # same numbers
+        for lora_rows, bare_rows in ((call3(hm)[2 * n :], call3(unet)[2 * n :]), (call2(per_sample_cfg), call2(unet))):
+            if torch.allclose(lora_rows, bare_rows):  # a LoRA that is not applied would make every variant look free
+                raise RuntimeError("the LoRA does not change the UNet's output: the benchmark would time the bare UNet")
         if n == 1:
             torch.testing.assert_close(fns["CFG, LoRA merged (generate's path for one subject)"](), fns["CFG, per-sample LoRA (2N rows)"](), rtol=1e-3, atol=1e-4)
         times = paired_times(fns, rounds)

@@ -152,17 +152,24 @@ def summarize(per_identity: list[list[dict]], steps: list[int]) -> list[dict]:
 
 #: settings that change the DreamBooth-LoRA curve; a reused curve must have been made with the same ones
 CURVE_SETTINGS = ("model", "oracles", "k", "contexts", "rank", "lr", "prior_preservation", "num_class_images", "sample_steps", "guidance_scale", "seed")
-#: folder settings compared by their weights (``weights_digest``) when both runs recorded them, else by path
+#: folder settings compared by their files (:func:`weights_digest`) when both runs recorded them, else by path
 WEIGHT_FOLDERS = {"model": "model_weights", "oracles": "oracles_weights"}
 
 
 def weights_digest(folder: Path) -> str:
-    """The first 16 hex digits of the SHA-256 of a folder's ``.safetensors`` files (relative names and bytes, in
-    name order): the same weights in another folder, or reached by another path, give the same digest."""
+    """The first 16 hex digits of the SHA-256 of a model folder's weights and configs (``.safetensors`` and ``.json``
+    files: relative names and bytes, in name order): the same model in another folder, or reached by another path,
+    gives the same digest. A folder without ``.safetensors`` weights is refused."""
     import hashlib
 
+    from hyperbooth.errors import ConfigError
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ConfigError(f"{str(folder)!r} holds no .safetensors weights")
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*.safetensors")):
+    for path in files:
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

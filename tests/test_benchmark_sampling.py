@@ -35,3 +35,12 @@ def test_step_rows_on_the_shipped_models(sampling, n):
     for name in ("HM-CFG, one call (3N rows)", "HM-CFG, three calls", "applying the per-sample LoRA (once per image)"):
         assert rows[name][0] > 0
     assert any(name.startswith("UNet alone, 3N rows vs 2N rows") for name in rows)
+    assert not any(m._forward_hooks for m in base.unet.modules())  # the LoRA copies are gone, the base left as it was
+
+
+def test_step_refuses_a_lora_that_does_not_act(sampling):
+    """An all-zero LoRA leaves every variant equal to the bare UNet: the benchmark says so rather than time it."""
+    base, hypernet = sampling.load_models(random=False)
+    zero = lambda refs: hypernet(refs).scaled(0.0)  # noqa: E731
+    with pytest.raises(RuntimeError, match="does not change"):
+        sampling.bench_step(base, zero, 1, rounds=1)

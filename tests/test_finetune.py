@@ -262,3 +262,12 @@ def test_benchmark_runs_end_to_end_on_tiny_models(tiny_world_model, tmp_path, ca
     other = save_oracles(tmp_path / "other_oracles", IdentityEncoder(), ContextClassifier(), OracleTrainConfig(), {})
     with pytest.raises(ConfigError, match="oracles_weights"):
         _benchmark().main([str(other) if a == str(oracles) else a for a in args])
+    with pytest.raises(ConfigError, match="holds no .safetensors"):
+        _benchmark().weights_digest(tmp_path / "same_oracles_elsewhere" / "nothing_here")
+    # a JSON of an older run (no digests) is compared by path: the same folder is accepted, a copy is not
+    for key in ("model_weights", "oracles_weights"):
+        del result["settings"][key]
+    (tmp_path / "r.json").write_text(json.dumps(result))
+    assert _benchmark().main(args) == 0
+    with pytest.raises(ConfigError, match="oracles="):
+        _benchmark().main([str(copied) if a == str(oracles) else a for a in args])

@@ -278,4 +278,46 @@ def test_cli_bad_input_is_exit_2_naming_the_value(tiny_world_model, assets, tmp_
 def test_cli_long_prompt_warns(tiny_world_model, tmp_path, caplog):
     long = "a sks toy " + " ".join(["with a very long description"] * 10) + " in the snow"
     assert _cli(tiny_world_model, "--prompt", long, "--steps", 1, "--out", tmp_path / "g.png") == 0
-    assert any("truncated" in r.getMessage() for r in caplog.records)
+    warned = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert len(warned) == 1 and "long description" in warned[0] and "dropped" in warned[0]  # names what is cut
+
+
+def test_cli_out_whose_folder_is_a_file_or_cannot_be_written(tiny_world_model, tmp_path, capsys, monkeypatch):
+    """Checked before any sampling: a parent that is a file, and a folder where no file can be created."""
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert _cli(tiny_world_model, "--prompt", "a sks toy", "--out", tmp_path / "notes.txt" / "x.png") == 2
+    assert "is not a folder" in capsys.readouterr().err
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # a read-only folder (chmod does not stop root)
+    assert _cli(tiny_world_model, "--prompt", "a sks toy", "--out", tmp_path / "ro.png") == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "ro.png" in err and "Permission denied" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_cli_folder_output_is_all_or_nothing(tiny_world_model, tmp_path, capsys, monkeypatch, existing):
+    """A write failing at the last file (the grid; a full disk here) leaves none of the single images, no temporary
+    files, and a folder the command made is removed again; an existing folder keeps what it held."""
+    from PIL import Image
+
+    out = tmp_path / "outs"
+    if existing:
+        out.mkdir()
+        (out / "older.png").write_bytes(b"older")
+    save = Image.Image.save
+
+    def full_disk(self, fp, *args, **kwargs):
+        if Path(fp).name.startswith(".grid.png."):
+            raise OSError(28, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    assert _cli(tiny_world_model, "--prompt", "a sks toy", "a red sks toy", "--out", f"{out}/") == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "outs" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == (["older.png", "outs"] if existing else [])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hyperbooth.errors import ConfigError
@@ -21,16 +21,45 @@ def _umask() -> int:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result to ``path``; the folder must exist."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ConfigError(f"output folder {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    return atomic_write_all([(path, write)])[0]
+
+
+def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[Path]:
+    """:func:`atomic_write` for several files as one: each ``write(tmp)`` fills a temporary file beside its target,
+    and only when all succeeded are they renamed into place. An error leaves every target as it was and no
+    temporary file behind; a folder that cannot be written is a :class:`ConfigError` naming the file."""
+    temps: list[tuple[str, Path]] = []
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        for path, write in writes:
+            path = Path(path)
+            if not path.parent.is_dir():
+                raise ConfigError(f"output folder {str(path.parent)!r} does not exist")
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except OSError as e:
+                raise ConfigError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+            os.close(fd)
+            temps.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return [path for _, path in temps]
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Raise :class:`ConfigError` naming ``what`` unless a file can be created in ``folder`` (checked by creating and
+    removing one, which also catches read-only mounts and ACLs that permission bits do not show)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{what}: {str(folder)!r} {'is not a folder' if folder.exists() else 'does not exist'}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hyperbooth-probe.", dir=folder)
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {str(folder)!r} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)

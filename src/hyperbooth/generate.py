@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from hyperbooth.errors import CheckpointError, ConfigError, LoRAFileError
-from hyperbooth.files import atomic_write
+from hyperbooth.files import atomic_write_all, check_writable
 from hyperbooth.guidance import DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, cfg, check_interval, hm_cfg, parse_interval, pers_active
 from hyperbooth.lora.inject import LoRAInjector, check_compatible
 from hyperbooth.lora.weights import LoRAWeights, combine
@@ -244,10 +244,30 @@ def captioned_grid(
 
 def save_png(image, path: str | os.PathLike) -> Path:
     """Write a PIL image (or ``(H, W, 3)`` uint8 array) as PNG, atomically."""
+    write_pngs([(Path(path), image)])
+    return Path(path)
+
+
+def write_pngs(files: Sequence[tuple[Path, object]], folder: Path | None = None) -> None:
+    """Write ``(path, image)`` PNGs (PIL images or ``(H, W, 3)`` uint8 arrays) all or none
+    (:func:`atomic_write_all`); ``folder``, made if missing, is removed again when the writes fail."""
     from PIL import Image
 
-    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    def writer(image):
+        image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+        return lambda tmp: image.save(tmp, format="PNG")
+
+    made = folder is not None and not folder.is_dir()
+    try:
+        if made:
+            folder.mkdir()
+        atomic_write_all([(path, writer(image)) for path, image in files])
+    except BaseException as e:
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        if isinstance(e, OSError):
+            raise ConfigError(f"cannot write the images into {str(folder or files[0][0].parent)!r}: {e.strerror or e}") from None
+        raise
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -281,18 +301,17 @@ def register(subparsers) -> None:
 
 
 def output_paths(out: str) -> tuple[Path | None, Path]:
-    """``--out`` → (folder for the single images or None, the grid file). Checked before any work is done."""
+    """``--out`` → (folder for the single images or None, the grid file). Checked before any work is done: the
+    folder the files go into (or, for a new folder, the one it will be made in) must exist and be writable."""
     path = Path(out)
     if out.endswith(("/", os.sep)) or path.is_dir():
-        if not path.is_dir() and not path.parent.is_dir():
-            raise ConfigError(f"--out {out!r}: folder {str(path.parent)!r} does not exist")
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--out {out!r} exists and is not a folder")
+        check_writable(path if path.is_dir() else path.parent, f"--out {out!r}")
         return path, path / "grid.png"
     if path.suffix.lower() != ".png":
         raise ConfigError(f"--out {out!r} must be a .png file or a folder (end it with '/')")
-    if not path.parent.is_dir():
-        raise ConfigError(f"--out {out!r}: folder {str(path.parent)!r} does not exist")
+    check_writable(path.parent, f"--out {out!r}")
     return None, path
 
 
@@ -365,12 +384,11 @@ def run(args: argparse.Namespace) -> int:
     cells = [list(to_uint8(images[s])) for s in seeds]
     captions = [[f"{p}\nseed {s}" for p in args.prompt] for s in seeds]
     grid = captioned_grid(cells, captions)
+    files = [(grid_path, grid)]
     if folder is not None:
-        folder.mkdir(exist_ok=True)
-        for s, row in zip(seeds, cells):
-            for i, (prompt, image) in enumerate(zip(args.prompt, row)):
-                save_png(image, folder / f"{i:02d}_{_slug(prompt)}_seed{s}.png")
-    save_png(grid, grid_path)
+        files = [(folder / f"{i:02d}_{_slug(prompt)}_seed{s}.png", image)
+                 for s, row in zip(seeds, cells) for i, (prompt, image) in enumerate(zip(args.prompt, row))] + files
+    write_pngs(files, folder)
     mode = "base model" if weights is None else args.guidance
     print(f"wrote {grid_path}: {len(args.prompt)} prompt(s) x {len(seeds)} seed(s), {mode}, {args.steps} {args.scheduler} steps, "
           f"{seconds:.2f} s per image; subject: {subject}")

@@ -37,7 +37,6 @@ class TextEncoder:
         self.max_length = max_length
         self.name = name
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._warned_truncation = False
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, max_length: int = 24, subfolder: str | None = None) -> TextEncoder:
@@ -63,12 +62,12 @@ class TextEncoder:
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
-        if not self._warned_truncation:
-            lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False).input_ids]
-            too_long = [p for p, n in zip(prompts, lengths) if n > self.max_length]
-            if too_long:
-                log.warning("prompt truncated to %d tokens (the text encoder's limit here): %r", self.max_length, too_long[0])
-                self._warned_truncation = True
+        room = self.max_length - self.tokenizer.num_special_tokens_to_add()
+        for prompt, ids in zip(prompts, self.tokenizer(prompts, add_special_tokens=False).input_ids):
+            if len(ids) > room:  # as diffusers: name what the encoder will not see (each prompt once: results are cached)
+                dropped = self.tokenizer.decode(ids[room:])
+                log.warning("prompt of %d tokens truncated to the text encoder's %d; this part is dropped: %r",
+                            len(ids), room, dropped if len(dropped) <= 120 else dropped[:117] + "...")
         device = next(self.model.parameters()).device
         out = self.model(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
         return out.last_hidden_state, tokens.attention_mask.to(device).bool()

@@ -88,7 +88,7 @@ def test_rows_without_lora_match_base_and_repeat_rule(unet):
     torch.testing.assert_close(mixed[1], explicit[1], rtol=1e-4, atol=1e-5)
 
 
-# several subjects on the LoRA rows (bmm) and one subject on them (plain matmuls), in slice, gather and all-rows layouts
+# several subjects and one subject on the LoRA rows, in slice, gather and all-rows layouts
 LAYOUTS = [[-1, -1, 0, 1], [0, -1, -1, 1], [-1, 1, -1, -1], [-1, -1, -1, -1], [-1, -1, 1, 1], [1, -1, 1, -1], [1, 1, 1, 1], [0, 1, 1, 0]]
 
 

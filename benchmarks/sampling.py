@@ -106,18 +106,18 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
             return model
 
         # CFG's rows as generate lays them out ([P(∅) x N; P(c) x N], rows=None: row i uses subject i mod N)
-        per_sample_cfg, hm, pers = with_lora(mode="per_sample"), with_lora(mode="per_sample", rows=rows3), with_lora(mode="per_sample")
+        per_sample, hm = with_lora(mode="per_sample"), with_lora(mode="per_sample", rows=rows3)
         fns = {}
         if n == 1:
             merged = with_lora(mode="merged")
             fns["CFG, LoRA merged (generate's path for one subject)"] = lambda: cfg(*call2(merged).chunk(2), 3.0)
-        fns["CFG, per-sample LoRA (2N rows)"] = lambda: cfg(*call2(per_sample_cfg).chunk(2), 3.0)
+        fns["CFG, per-sample LoRA (2N rows)"] = lambda: cfg(*call2(per_sample).chunk(2), 3.0)
         fns["HM-CFG, one call (3N rows)"] = lambda: hm_cfg(*call3(hm).chunk(3), 3.0, 1.0)
 
         def hm_three_calls():
             uncond = unet(x_t, t, encoder_hidden_states=s3[:n], encoder_attention_mask=m3[:n]).sample
             cond = unet(x_t, t, encoder_hidden_states=s3[n : 2 * n], encoder_attention_mask=m3[n : 2 * n]).sample
-            p = pers(x_t, t, encoder_hidden_states=s3[2 * n :], encoder_attention_mask=m3[2 * n :]).sample
+            p = per_sample(x_t, t, encoder_hidden_states=s3[2 * n :], encoder_attention_mask=m3[2 * n :]).sample
             return hm_cfg(uncond, cond, p, 3.0, 1.0)
 
         def apply_hooks():  # what generate pays once per image before its steps
@@ -129,7 +129,7 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
         fns["UNet alone, 3N rows (no LoRA)"] = lambda: call3(unet)
         fns["applying the per-sample LoRA (once per image)"] = apply_hooks
         torch.testing.assert_close(fns["HM-CFG, one call (3N rows)"](), hm_three_calls(), rtol=1e-4, atol=1e-4)  # same numbers
-        for lora_rows, bare_rows in ((call3(hm)[2 * n :], call3(unet)[2 * n :]), (call2(per_sample_cfg), call2(unet))):
+        for lora_rows, bare_rows in ((call3(hm)[2 * n :], call3(unet)[2 * n :]), (call2(per_sample), call2(unet))):
             if torch.allclose(lora_rows, bare_rows):  # a LoRA that is not applied would make every variant look free
                 raise RuntimeError("the LoRA does not change the UNet's output: the benchmark would time the bare UNet")
         if n == 1:

@@ -165,6 +165,8 @@ def weights_digest(folder: Path) -> str:
     from hyperbooth.errors import ConfigError
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{str(folder)!r} does not exist or is not a folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
     if not any(p.suffix == ".safetensors" for p in files):
         raise ConfigError(f"{str(folder)!r} holds no .safetensors weights")

@@ -26,6 +26,13 @@ def test_atomic_write_all_renames_only_when_every_write_succeeded(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]  # no temporaries
 
 
+def test_a_target_that_is_a_folder_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "grid.png").mkdir()
+    with pytest.raises(ConfigError, match="grid.png.*is a folder"):
+        atomic_write_all([(tmp_path / "a.png", _text("a")), (tmp_path / "grid.png", _text("grid"))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
 def test_unwritable_and_missing_folders_are_named(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="missing.*does not exist"):
         atomic_write(tmp_path / "missing" / "x.txt", _text("x"))

@@ -262,8 +262,15 @@ def test_benchmark_runs_end_to_end_on_tiny_models(tiny_world_model, tmp_path, ca
     other = save_oracles(tmp_path / "other_oracles", IdentityEncoder(), ContextClassifier(), OracleTrainConfig(), {})
     with pytest.raises(ConfigError, match="oracles_weights"):
         _benchmark().main([str(other) if a == str(oracles) else a for a in args])
+    with pytest.raises(ConfigError, match="does not exist"):
+        _benchmark().weights_digest(tmp_path / "nothing_here")
+    (tmp_path / "no_weights").mkdir()
+    (tmp_path / "no_weights" / "oracles.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds no .safetensors"):
-        _benchmark().weights_digest(tmp_path / "same_oracles_elsewhere" / "nothing_here")
+        _benchmark().weights_digest(tmp_path / "no_weights")
+    edited = shutil.copytree(oracles, tmp_path / "edited_config")
+    (edited / "oracles.json").write_text((edited / "oracles.json").read_text() + " ")
+    assert _benchmark().weights_digest(edited) != _benchmark().weights_digest(oracles)  # configs count too
     # a JSON of an older run (no digests) is compared by path: the same folder is accepted, a copy is not
     for key in ("model_weights", "oracles_weights"):
         del result["settings"][key]

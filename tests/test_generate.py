@@ -278,8 +278,8 @@ def test_cli_bad_input_is_exit_2_naming_the_value(tiny_world_model, assets, tmp_
 def test_cli_long_prompt_warns(tiny_world_model, tmp_path, caplog):
     long = "a sks toy " + " ".join(["with a very long description"] * 10) + " in the snow"
     assert _cli(tiny_world_model, "--prompt", long, "--steps", 1, "--out", tmp_path / "g.png") == 0
-    warned = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
-    assert len(warned) == 1 and "long description" in warned[0] and "dropped" in warned[0]  # names what is cut
+    warned = [r.getMessage() for r in caplog.records if "is dropped" in r.getMessage()]
+    assert len(warned) == 1 and "long description" in warned[0] and "'a sks toy with" in warned[0]  # which prompt, what is cut
 
 
 def test_cli_out_whose_folder_is_a_file_or_cannot_be_written(tiny_world_model, tmp_path, capsys, monkeypatch):
@@ -292,10 +292,14 @@ def test_cli_out_whose_folder_is_a_file_or_cannot_be_written(tiny_world_model, t
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before checking --out")
+
+    monkeypatch.setattr("hyperbooth.generate.generate", no_sampling)
     monkeypatch.setattr(tempfile, "mkstemp", refuse)  # a read-only folder (chmod does not stop root)
     assert _cli(tiny_world_model, "--prompt", "a sks toy", "--out", tmp_path / "ro.png") == 2
     err = capsys.readouterr().err
-    assert "cannot write" in err and "ro.png" in err and "Permission denied" in err
+    assert "cannot write in" in err and "ro.png" in err and "Permission denied" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
 
 

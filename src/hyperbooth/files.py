@@ -26,14 +26,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[str], None]]]) -> list[Path]:
     """:func:`atomic_write` for several files as one: each ``write(tmp)`` fills a temporary file beside its target,
-    and only when all succeeded are they renamed into place. An error leaves every target as it was and no
-    temporary file behind; a folder that cannot be written is a :class:`ConfigError` naming the file."""
+    and only when all succeeded are they renamed into place. An error while writing leaves every target as it was
+    and no temporary file behind; a folder that cannot be written, or a target that is a folder, is a
+    :class:`ConfigError` naming it (checked before anything is written). The renames at the end run one after the
+    other: each is atomic, but an ``os.replace`` failing between two of them (after every write succeeded, within
+    the same folders) would leave the earlier targets replaced."""
+    writes = [(Path(path), write) for path, write in writes]
+    for path, _ in writes:
+        if not path.parent.is_dir():
+            raise ConfigError(f"output folder {str(path.parent)!r} does not exist")
+        if path.is_dir():
+            raise ConfigError(f"cannot write {str(path)!r}: it is a folder")
     temps: list[tuple[str, Path]] = []
     try:
         for path, write in writes:
-            path = Path(path)
-            if not path.parent.is_dir():
-                raise ConfigError(f"output folder {str(path.parent)!r} does not exist")
             try:
                 fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             except OSError as e:

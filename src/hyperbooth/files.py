@@ -69,3 +69,18 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
         raise ConfigError(f"{what}: cannot write in {str(folder)!r} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def files_digest(paths: Sequence[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
+    """The first 16 hex digits of the SHA-256 of these files' bytes, in the order given; with ``root``, each file's
+    path relative to it (and a NUL) goes in before its bytes, so that renaming a file changes the digest."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        if root is not None:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]

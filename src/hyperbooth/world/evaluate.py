@@ -706,16 +706,11 @@ def _check_result(source: str, result) -> None:
 def hypernet_source(folder: str | os.PathLike) -> str:
     """What a row label stands for in a result's ``hypernet_folders``: the resolved folder and the first 16 hex digits
     of its weights file's SHA-256, so that a checkpoint retrained into the same folder counts as another model."""
-    import hashlib
-
+    from hyperbooth.files import files_digest
     from hyperbooth.methods.e2e import WEIGHTS_NAME
 
     folder = Path(folder).resolve()
-    digest = hashlib.sha256()
-    with open(folder / WEIGHTS_NAME, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"{folder} sha256:{digest.hexdigest()[:16]}"
+    return f"{folder} sha256:{files_digest([folder / WEIGHTS_NAME])}"
 
 
 def select_hypernets(result: Mapping, labels: Sequence[str], source: str = "result") -> dict:

@@ -40,9 +40,9 @@ from hyperbooth.lora import LoRAInjector, save_lora, target_shapes
 def load_models(random: bool):
     """(base model, hypernetwork): the shipped ones, or random weights of the same architecture."""
     from hyperbooth.generate import load_hypernet
-    from hyperbooth.world.base_model import WorldBaseModel
+    from hyperbooth.backbones.world import WorldBackbone
 
-    base = WorldBaseModel.from_pretrained()
+    base = WorldBackbone.from_pretrained()
     hypernet = load_hypernet()
     if random:
         torch.manual_seed(0)

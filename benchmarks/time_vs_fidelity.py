@@ -1,7 +1,7 @@
 """Time vs subject fidelity: DreamBooth-LoRA fine-tuning (the ceiling baseline) against one hypernetwork pass.
 
 On M held-out DreamBench-World identities, with k reference images each (``reference_images``; k = 3 as in
-DreamBooth), DreamBooth-LoRA (:mod:`hyperbooth.finetune`, the diffusers recipe) is fine-tuned per identity and
+DreamBooth), DreamBooth-LoRA (:mod:`hyperbooth.methods.dreambooth_lora`, the diffusers recipe) is fine-tuned per identity and
 evaluated at increasing step counts (0, 25, 50, 100, 200, … up to ``--max-steps``). At each checkpoint it generates
 the rare-token prompts ``"a sks <class> <context>"`` for a few contexts with CFG, and measures
 
@@ -105,7 +105,7 @@ class Evaluator:
 def run_dreambooth(evaluate: Evaluator, identity_seed: int, class_name: str, refs: torch.Tensor, index: int,
                    steps: list[int], cfg) -> list[dict]:
     """Fine-tune on ``refs``; at each step of ``steps`` record seconds so far (evaluation excluded) and fidelities."""
-    from hyperbooth.finetune import finetune
+    from hyperbooth.methods.dreambooth_lora import finetune
 
     rows = []
     clock = {"spent": 0.0, "since": time.perf_counter()}
@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from hyperbooth.errors import ConfigError
     from hyperbooth.files import atomic_write
-    from hyperbooth.finetune import FinetuneConfig
-    from hyperbooth.world.base_model import SHIPPED_BASE_MODEL, WorldBaseModel
+    from hyperbooth.methods.dreambooth_lora import FinetuneConfig
+    from hyperbooth.backbones.world import WorldBackbone
+from hyperbooth.world.base_model import SHIPPED_BASE_MODEL
     from hyperbooth.world.contexts import Context
     from hyperbooth.world.evaluate import reference_images
     from hyperbooth.world.identity import make_identity
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
           f"with {machine['torch_threads']} threads")
     print(f"command: {command}")
 
-    base = WorldBaseModel.from_pretrained(args.model)
+    base = WorldBackbone.from_pretrained(args.model)
     oracles = Oracles.load(args.oracles)
     evaluate = Evaluator(base, oracles, contexts, args.sample_steps, args.guidance_scale, args.seed)
     identities = []
@@ -345,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     hyper = None
     if not args.no_hypernet:
         from hyperbooth.methods.e2e import E2EHyperNetwork
-        from hyperbooth.personalize import SHIPPED_HYPERNET
+        from hyperbooth.methods import SHIPPED_E2E
 
-        hypernet = E2EHyperNetwork.from_pretrained(args.hypernet or SHIPPED_HYPERNET)
+        hypernet = E2EHyperNetwork.from_pretrained(args.hypernet or SHIPPED_E2E)
         ms, scores = hypernet_point(hypernet, evaluate, identities, args.hypernet_guidance)
         prompt = [s["prompt_fidelity"] for s in scores if not math.isnan(s["prompt_fidelity"])]
         hyper = {"ms_per_subject": statistics.fmean(ms), "seconds": statistics.fmean(ms) / 1e3,

@@ -6,7 +6,7 @@ import torch
 
 from hyperbooth.demo import DemoRow, context_title, format_table, run_demo
 from hyperbooth.world import contexts as ctx
-from hyperbooth.world.base_model import WorldBaseModel
+from hyperbooth.backbones.world import WorldBackbone
 from tests.test_generate import make_tiny_hypernet
 
 
@@ -17,7 +17,7 @@ def tiny(tiny_world_model, tmp_path_factory):
     from hyperbooth.world.oracles import ContextClassifier, IdentityEncoder, OracleTrainConfig, Oracles, save_oracles
 
     root = tmp_path_factory.mktemp("demo_assets")
-    base = WorldBaseModel.from_pretrained(tiny_world_model)
+    base = WorldBackbone.from_pretrained(tiny_world_model)
     hn_dir = make_tiny_hypernet(base.unet, root / "hn")
     torch.manual_seed(0)
     oracles = Oracles(IdentityEncoder().eval(), ContextClassifier().eval())

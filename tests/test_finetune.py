@@ -12,9 +12,10 @@ from PIL import Image
 from hyperbooth.cli import main
 from hyperbooth.diffusion import diffusion_loss, training_target
 from hyperbooth.errors import ConfigError
-from hyperbooth.finetune import FinetuneConfig, finetune
+from hyperbooth.methods.dreambooth_lora import FinetuneConfig, finetune
 from hyperbooth.lora import LoRAInjector, apply_lora, load_lora, save_lora, target_shapes
-from hyperbooth.world.base_model import WorldBaseModel, to_uint8
+from hyperbooth.backbones.world import WorldBackbone
+from hyperbooth.grids import to_uint8
 from hyperbooth.world.evaluate import reference_images
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "time_vs_fidelity.py"
@@ -22,7 +23,7 @@ BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "time_vs_fideli
 
 @pytest.fixture(scope="module")
 def base(tiny_world_model):
-    return WorldBaseModel.from_pretrained(tiny_world_model)
+    return WorldBackbone.from_pretrained(tiny_world_model)
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +224,7 @@ def test_benchmark_runs_end_to_end_on_tiny_models(tiny_world_model, tmp_path, ca
     from hyperbooth.methods.e2e import E2EConfig, E2EHyperNetwork
     from hyperbooth.world.oracles import ContextClassifier, IdentityEncoder, OracleTrainConfig, save_oracles
 
-    unet = WorldBaseModel.from_pretrained(tiny_world_model).unet
+    unet = WorldBackbone.from_pretrained(tiny_world_model).unet
     hypernet = E2EHyperNetwork(E2EConfig(d_model=32, layers=1, heads=2, encoder_dim=16), target_shapes(unet)).save_pretrained(tmp_path / "hypernet")
     oracles = save_oracles(tmp_path / "oracles", IdentityEncoder(), ContextClassifier(), OracleTrainConfig(), {})
     code = _benchmark().main(["--model", str(tiny_world_model), "--oracles", str(oracles), "--hypernet", str(hypernet),

@@ -8,12 +8,12 @@ import torch
 from hyperbooth.errors import ConfigError
 from hyperbooth.generate import generate
 from hyperbooth.lora import LoRAWeights, apply_lora, target_shapes
-from hyperbooth.world.base_model import WorldBaseModel
+from hyperbooth.backbones.world import WorldBackbone
 
 
 @pytest.fixture(scope="module")
 def base(tiny_world_model):
-    return WorldBaseModel.from_pretrained(tiny_world_model)
+    return WorldBackbone.from_pretrained(tiny_world_model)
 
 
 def _lora(base, n):
@@ -178,7 +178,7 @@ def assets(base, tmp_path_factory):
     from PIL import Image
 
     from hyperbooth.lora import save_lora
-    from hyperbooth.world.base_model import to_uint8
+    from hyperbooth.grids import to_uint8
     from hyperbooth.world.evaluate import reference_images
 
     root = tmp_path_factory.mktemp("generate_assets")
@@ -204,7 +204,7 @@ def test_cli_images_to_folder_matches_generate(tiny_world_model, base, assets, t
 
     from hyperbooth.generate import load_hypernet, personalize_refs
     from hyperbooth.images import load_image
-    from hyperbooth.world.base_model import to_uint8
+    from hyperbooth.grids import to_uint8
 
     prompts = ["a sks toy in the snow", "a red sks toy"]
     out = tmp_path / "outs"

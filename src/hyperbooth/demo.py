@@ -10,7 +10,6 @@ diffusers (tiny SD-1.5 pipeline, random weights).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import tempfile
@@ -21,20 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hyperbooth.errors import ConfigError
-from hyperbooth.sampling import DEFAULT_SCHEDULER
-from hyperbooth.generate import (
-    DEFAULT_GUIDANCE_SCALE,
-    DEFAULT_STEPS,
-    DEFAULT_W_BASE,
-    DEFAULT_W_PERS,
-    captioned_grid,
-    generate,
-    load_hypernet,
-    personalize_refs,
-    save_png,
-)
-from hyperbooth.lora.weights import LoRALayer, LoRAWeights
+from hyperbooth.generate import generate
+from hyperbooth.grids import captioned_grid, save_png, to_uint8
+from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_W_BASE, DEFAULT_W_PERS
+from hyperbooth.lora.weights import LoRAWeights, stack
+from hyperbooth.personalize import personalize
+from hyperbooth.sampling import DEFAULT_STEPS
 from hyperbooth.world import contexts as ctx
 
 log = logging.getLogger(__name__)
@@ -64,31 +55,10 @@ class DemoRow:
     seconds_per_image: float
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="personalize held-out world subjects, generate with CFG / HM-CFG, print the oracle table")
-    parser.add_argument("--out", type=Path, default=Path("outputs/demo"), help="folder for the files it writes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped world model)")
-    parser.add_argument("--hypernet", type=Path, default=None, help="hypernetwork folder (default: the shipped e2e one)")
-    parser.add_argument("--oracles", type=Path, default=None, help="oracle folder (default: the shipped one)")
-    parser.add_argument("--no-floor", action="store_true", help="skip the base-model floor row (saves about 15%% of the time)")
-    parser.add_argument("--no-interop", action="store_true", help="skip the diffusers LoRA-file check at the end")
-    parser.set_defaults(func=run)
-
-
 def context_title(context: ctx.Context) -> str:
     """A column title: the prompt with the class left open, e.g. ``"a purple sks … in the snow"``."""
     words = ["a", ctx.RECOLOR_WORDS.get(context.recolor or "", ""), "sks …", ctx.ACCESSORY_PHRASES.get(context.accessory or "", ""), ctx.BACKGROUNDS.get(context.background or "", "")]
     return " ".join(w for w in words if w)
-
-
-def _stack(subjects: list[LoRAWeights]) -> LoRAWeights:
-    """Subjects of one hypernetwork, each N = 1, → one LoRAWeights with N = len(subjects)."""
-    return LoRAWeights({
-        name: LoRALayer(torch.cat([s[name].A for s in subjects]), torch.cat([s[name].B for s in subjects]), subjects[0][name].alpha)
-        for name in subjects[0]
-    })
 
 
 def _nanmean(x: torch.Tensor) -> float:
@@ -99,7 +69,7 @@ def _nanmean(x: torch.Tensor) -> float:
 @torch.no_grad()
 def run_demo(
     base,
-    hypernet,
+    personalizer,
     oracles,
     out: Path,
     identities: int = 4,
@@ -113,7 +83,6 @@ def run_demo(
     (identity, prompt) with CFG and HM-CFG (one :func:`generate` call of ``identities · len(contexts)`` rows each),
     judge with the oracles, and write the captioned grid to ``out / GRID_NAME``. Returns (table rows, grid path).
     """
-    from hyperbooth.world.base_model import to_uint8
     from hyperbooth.world.evaluate import prompt_fidelity, reference_images, subject_fidelity
     from hyperbooth.world.identity import identity_class
     from hyperbooth.world.splits import identity_seeds
@@ -131,18 +100,18 @@ def run_demo(
 
     runs, times = {}, {}  # (refs, guidance) → (images (I·P, 3, H, W), seconds per image); refs → ms per subject
     if floor:
-        generate(base, prompts, None, **{**settings, "steps": 1})  # warm-up, not timed
+        generate(base, prompts, None, guidance="cfg", **{**settings, "steps": 1})  # warm-up, not timed
         t0 = time.perf_counter()
-        runs[0, "base cfg"] = (generate(base, prompts, None, **settings), (time.perf_counter() - t0) / len(prompts))
+        runs[0, "base cfg"] = (generate(base, prompts, None, guidance="cfg", **settings), (time.perf_counter() - t0) / len(prompts))
     for k in ref_counts:
-        personalize_refs(hypernet, base, refs[:1, :k])  # warm-up, not timed
+        personalize(refs[0, :k], personalizer, base, classes[0])  # warm-up, not timed
         subjects, ms = [], []
         for i in range(len(seeds)):  # one pass per subject, as a user would run it
-            w, t = personalize_refs(hypernet, base, refs[i : i + 1, :k])
+            w, t = personalize(refs[i, :k], personalizer, base, classes[i])
             subjects.append(w)
             ms.append(t)
         times[k] = float(np.mean(ms))
-        weights = _stack(subjects).select([i for i in range(len(seeds)) for _ in contexts])  # (I·P subjects)
+        weights = stack(subjects).select([i for i in range(len(seeds)) for _ in contexts])  # (I·P subjects)
         for guidance in GUIDANCES:
             if k == ref_counts[0]:  # a batch shape's first call builds its kernels: one untimed step first
                 generate(base, prompts, weights, guidance=guidance, **{**settings, "steps": 1})
@@ -196,33 +165,7 @@ def format_table(rows: list[DemoRow]) -> str:
     return "\n".join("  ".join(cell.rjust(wd) if i != 1 else cell.ljust(wd) for i, (cell, wd) in enumerate(zip(line, widths))) for line in lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from hyperbooth.world.base_model import WorldBaseModel
-    from hyperbooth.world.oracles import Oracles
-
-    out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be at least 1, got {args.steps}")
-    base = WorldBaseModel.from_pretrained(args.model)  # each raises CheckpointError naming the file and the fix
-    hypernet = load_hypernet(args.hypernet)
-    oracles = Oracles.load(args.oracles)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    table, path = run_demo(base, hypernet, oracles, out, steps=args.steps, seed=args.seed, floor=not args.no_floor)
-    print(f"hyperbooth demo: 4 held-out DreamBench-World identities x {len(DEMO_CONTEXTS)} prompts, {args.steps} {DEFAULT_SCHEDULER} steps, "
-          f"CFG {DEFAULT_GUIDANCE_SCALE:g}, HM-CFG w_base {DEFAULT_W_BASE:g} w_pers {DEFAULT_W_PERS:g} ({time.perf_counter() - t0:.0f} s)")
-    print(format_table(table))
-    print(f"grid: {path}")
-    if not args.no_interop:
-        print("LoRA files in diffusers (tiny SD-1.5 pipeline, random weights):")
-        for key, value in _interop(out, args.seed):
-            print(f"  {key}: {value}")
-    return 0
-
-
-def _interop(out: Path, seed: int) -> list[tuple[str, str]]:
+def interop_check(out: Path, seed: int) -> list[tuple[str, str]]:
     """Export a random LoRA for a tiny SD-1.5 pipeline in both layouts and load it with diffusers'
     ``load_lora_weights``: the UNet's output must match hyperbooth's own injection."""
     from diffusers import StableDiffusionPipeline

@@ -12,6 +12,10 @@ import torch
 
 from hyperbooth.errors import ConfigError
 
+#: The guidance rules of :func:`hyperbooth.generate.generate`.
+GUIDANCE = ("cfg", "hm-cfg")
+#: CFG's scale (the base model, and the personalized model under ``"cfg"``).
+DEFAULT_GUIDANCE_SCALE = 3.0
 #: HM-CFG weights used when none are given (``generate``, ``demo``, ``eval-personalization``), chosen by the sweep in
 #: the README (``hyperbooth world eval-personalization --w-base … --w-pers …``, 50 held-out world identities): with
 #: the shipped e2e hypernetwork (2, 2) is above personalized CFG (scale 3) in subject and in prompt fidelity at once.
@@ -48,6 +52,18 @@ def hm_cfg(
     against the base model's unconditional prediction.
     """
     return base_uncond + w_base * (base_cond - base_uncond) + w_pers * (pers_cond - base_uncond)
+
+
+def resolve_guidance(guidance: str | None, has_lora: bool) -> str:
+    """The guidance rule to run: ``None`` means HM-CFG with a LoRA and CFG without; an unknown name, or HM-CFG asked
+    for without a LoRA (it needs a personalized branch), is a :class:`ConfigError`, never replaced silently."""
+    if guidance is None:
+        return "hm-cfg" if has_lora else "cfg"
+    if guidance not in GUIDANCE:
+        raise ConfigError(f"unknown guidance {guidance!r}; choose one of {', '.join(GUIDANCE)}")
+    if guidance == "hm-cfg" and not has_lora:
+        raise ConfigError("guidance 'hm-cfg' needs a personalized model (a LoRA or reference images); use 'cfg' for the base model")
+    return guidance
 
 
 def check_interval(interval, name: str = "pers_interval") -> tuple[float, float]:

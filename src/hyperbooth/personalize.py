@@ -1,53 +1,89 @@
-"""`hyperbooth personalize --images a.png [b.png …] --out subject.safetensors`: photos → a LoRA file, one pass."""
+"""From a subject to a LoRA: reference photos through any registered method, a LoRA file, or a mix of LoRA files.
+
+    backbone = load_backbone(folder)                          # or None: the shipped world model
+    personalizer = load_personalizer(hypernet_folder)         # or None: the shipped e2e hypernetwork
+    weights, ms = personalize(["dog1.jpg", "dog2.jpg"], personalizer, backbone)
+    save_lora("dog.safetensors", weights, models=backbone.components, **lora_provenance(personalizer, backbone))
+
+The command line (``hyperbooth personalize`` / ``generate``) and the web page call these functions.
+"""
 
 from __future__ import annotations
 
-import argparse
-import logging
+import math
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from hyperbooth.errors import ConfigError
-
-log = logging.getLogger(__name__)
-
-SHIPPED_HYPERNET = Path(__file__).resolve().parent / "assets" / "world" / "e2e"
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("personalize", help="reference images → a LoRA file (diffusers or kohya layout)")
-    parser.add_argument("--images", nargs="+", required=True, help="image files or folders of images")
-    parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
-    parser.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers")
-    parser.add_argument("--hypernet", type=Path, default=None, help="hypernetwork folder (default: the shipped e2e one)")
-    parser.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped world model)")
-    parser.set_defaults(func=run)
+from hyperbooth.backbones.base import Backbone
+from hyperbooth.errors import ConfigError, LoRAFileError
+from hyperbooth.files import files_digest
+from hyperbooth.images import image_files, load_image
+from hyperbooth.lora.io import load_lora
+from hyperbooth.lora.weights import LoRAWeights, combine
+from hyperbooth.methods import SHIPPED_E2E, Personalizer, load
 
 
-def personalize(images: list, hypernet_path: Path | None = None, model_path: Path | None = None):
-    """Images → (LoRAWeights for one subject, the base model, milliseconds the hypernetwork took)."""
-    from hyperbooth.generate import load_hypernet
-    from hyperbooth.images import image_files, load_image
-    from hyperbooth.world.base_model import WorldBaseModel
+def load_personalizer(folder: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Personalizer:
+    """The personalizer saved in ``folder`` (any registered method; default: the shipped e2e hypernetwork)."""
+    return load(folder if folder is not None else SHIPPED_E2E).to(device)
 
-    hypernet = load_hypernet(hypernet_path)  # a missing folder says how to train one
-    base = WorldBaseModel.from_pretrained(model_path)
-    refs = torch.stack([load_image(f, size=base.resolution) for f in image_files(images)])  # (k, 3, H, W)
+
+def load_references(paths: Sequence[str | os.PathLike], resolution: int) -> torch.Tensor:
+    """Image files or folders of one subject → ``(k, 3, resolution, resolution)`` in [-1, 1]; every file is checked
+    (a damaged or non-image file is named) before anything else is done."""
+    return torch.stack([load_image(f, size=resolution) for f in image_files(list(paths))])
+
+
+def personalize(images: Sequence[str | os.PathLike] | torch.Tensor, personalizer: Personalizer, backbone: Backbone,
+                class_name: str | None = None) -> tuple[LoRAWeights, float]:
+    """One subject's references (files, folders, or a ``(k, 3, H, W)`` tensor) → (its LoRA, milliseconds taken).
+
+    The personalizer is checked against the backbone first: one trained for another backbone (other target names
+    or shapes) is refused with the first target that differs."""
+    personalizer.check_backbone(backbone)
+    refs = images if isinstance(images, torch.Tensor) else load_references(images, backbone.resolution)
+    if personalizer.needs_class_names and not class_name:
+        raise ConfigError(f"method {personalizer.method!r} needs the subject's class name (e.g. 'dog')")
     t0 = time.perf_counter()
-    with torch.no_grad():
-        weights = hypernet(refs[None])  # one subject from k references
-    ms = (time.perf_counter() - t0) * 1e3
-    return weights, base, ms
+    weights = personalizer.personalize(refs[None].to(personalizer.device), backbone, class_names=[class_name] if class_name else None)
+    return weights, (time.perf_counter() - t0) * 1e3
 
 
-def run(args: argparse.Namespace) -> int:
-    from hyperbooth.lora.io import save_lora
+def lora_provenance(personalizer: Personalizer, backbone: Backbone, folder: str | os.PathLike | None = None) -> dict:
+    """``save_lora`` keyword arguments that record the method, the hypernetwork (folder name and weights digest) and
+    the backbone that made a LoRA file."""
+    extra = {"hyperbooth.backbone": backbone.name}
+    if folder is not None:
+        folder = Path(folder)
+        weights = sorted(p for p in folder.glob("*.safetensors"))
+        extra["hyperbooth.hypernet"] = folder.name + (f" sha256:{files_digest(weights)}" if weights else "")
+    return {"method": personalizer.method, "base_model": backbone.path.name, "extra_metadata": extra}
 
-    if args.out.suffix != ".safetensors":
-        raise ConfigError(f"--out must be a .safetensors file, got {str(args.out)!r}")
-    weights, base, ms = personalize(args.images, args.hypernet, args.model)
-    save_lora(args.out, weights, args.format, models={"unet": base.unet}, method="e2e", base_model=str(base.path.name))
-    print(f"wrote {args.out} ({args.format} layout, {len(weights)} modules, rank {max(weights.ranks.values())}); hypernetwork pass {ms:.1f} ms")
-    return 0
+
+def parse_mix(specs: Sequence[str]) -> list[tuple[Path, float]]:
+    """``["a.safetensors:0.5", …]`` → ``[(Path("a.safetensors"), 0.5), …]``; a bad spec is named."""
+    out = []
+    for spec in specs:
+        path, sep, weight = spec.rpartition(":")
+        try:
+            value = float(weight) if sep and path else float("nan")
+        except ValueError:
+            value = float("nan")
+        if not math.isfinite(value):
+            raise ConfigError(f"--mix {spec!r}: expected FILE:WEIGHT with a finite number as weight, e.g. a.safetensors:0.5")
+        out.append((Path(path), value))
+    return out
+
+
+def mix_loras(files: Sequence[tuple[Path, float]], unet) -> LoRAWeights:
+    """``Σ_i w_i · ΔW_i`` of LoRA files, exact in ΔW space (:func:`~hyperbooth.lora.weights.combine`)."""
+    loras = [load_lora(path, unet).unet for path, _ in files]
+    for (path, _), lora in zip(files[1:], loras[1:]):
+        if set(lora) != set(loras[0]):
+            odd = sorted(set(lora) ^ set(loras[0]))[0]
+            raise LoRAFileError(f"{path} and {files[0][0]} target different modules (first difference: {odd!r}); they cannot be mixed")
+    return combine(loras, [w for _, w in files])

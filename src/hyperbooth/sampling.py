@@ -15,6 +15,8 @@ from hyperbooth.errors import ConfigError
 #: The default sampler of the world models: DPM-Solver++ (Lu et al. 2022). At 25 steps and CFG 3 the shipped base
 #: model's DDIM samples keep visible residual noise that DPM-Solver++ samples do not (docs/base_grid.png).
 DEFAULT_SCHEDULER = "dpm++"
+#: Sampling steps when none are given (generate, the CLI, the evaluation protocol).
+DEFAULT_STEPS = 25
 
 #: Scheduler names accepted on the command line → diffusers class names.
 SCHEDULERS = {

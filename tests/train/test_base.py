@@ -6,7 +6,7 @@ import torch
 from hyperbooth.config import load_config
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.train.base import BaseTrainConfig, train_base
-from hyperbooth.world.base_model import WorldBaseModel
+from hyperbooth.backbones.world import WorldBackbone
 
 TINY = [
     "unet={block_out_channels: [16, 32, 32], layers_per_block: 1, norm_num_groups: 8, attention_head_dim: 2, addition_embed_type_num_heads: 2}",
@@ -31,7 +31,7 @@ def test_tiny_run_exports_a_loadable_model_and_resumes_exactly(tmp_path):
     full = tmp_path / "full"
     folder = train_base(_cfg(full, "optim.max_steps=3"))
     assert (full / "config.yaml").is_file() and (full / "checkpoints" / "latest").is_file()
-    model = WorldBaseModel.from_pretrained(folder)
+    model = WorldBackbone.from_pretrained(folder)
     images = model.generate(["a toy in the snow", "a red ball"], steps=2, guidance_scale=2.0)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
 
@@ -44,8 +44,8 @@ def test_tiny_run_exports_a_loadable_model_and_resumes_exactly(tmp_path):
     (part / "checkpoints" / "latest").write_text("step-0000002")
     train_base(_cfg(part, "optim.max_steps=3"), resume=True)
     assert _losses(part)[3] == pytest.approx(_losses(full)[3], rel=0, abs=0)
-    uninterrupted = WorldBaseModel.from_pretrained(folder).unet.state_dict()
-    resumed = WorldBaseModel.from_pretrained(part / "model").unet.state_dict()
+    uninterrupted = WorldBackbone.from_pretrained(folder).unet.state_dict()
+    resumed = WorldBackbone.from_pretrained(part / "model").unet.state_dict()
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
@@ -60,4 +60,4 @@ def test_bad_config_values_are_named(tmp_path):
 
 def test_missing_or_damaged_model_names_file_and_fix(tmp_path):
     with pytest.raises(CheckpointError, match="model_index.json.*train-base"):
-        WorldBaseModel.from_pretrained(tmp_path)
+        WorldBackbone.from_pretrained(tmp_path)

@@ -11,14 +11,14 @@ from hyperbooth.lora import target_shapes
 from hyperbooth.methods.e2e import E2EConfig, E2EHyperNetwork
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world import evaluate as ev
-from hyperbooth.world.base_model import WorldBaseModel
+from hyperbooth.backbones.world import WorldBackbone
 from hyperbooth.world.oracles import ContextClassifier, IdentityEncoder, OracleTrainConfig, Oracles, save_oracles
 from hyperbooth.world.splits import identity_seeds
 
 
 @pytest.fixture(scope="module")
 def base(tiny_world_model):
-    return WorldBaseModel.from_pretrained(tiny_world_model)
+    return WorldBackbone.from_pretrained(tiny_world_model)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hyperbooth.errors import CheckpointError
-from hyperbooth.world.base_model import SHIPPED_BASE_MODEL, WorldBaseModel
+from hyperbooth.backbones.world import WorldBackbone
+from hyperbooth.world.base_model import SHIPPED_BASE_MODEL
 from hyperbooth.world.oracles import SHIPPED_ORACLES, Oracles
 
 
@@ -24,7 +25,7 @@ def test_shipped_base_model_loads_with_diffusers_loaders():
 
 
 def test_shipped_base_model_generates(tmp_path):
-    model = WorldBaseModel.from_pretrained()
+    model = WorldBackbone.from_pretrained()
     images = model.generate(["a toy in the snow", "a red ball on the beach"], steps=4, seed=1)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     assert images.std() > 0.1  # not a flat image
@@ -35,10 +36,10 @@ def test_damaged_base_model_names_the_folder_and_the_fix(tmp_path):
     shutil.copytree(SHIPPED_BASE_MODEL, broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64)
     with pytest.raises(CheckpointError, match=r"base.*damaged.*train-base --config configs/world_base.yaml"):
-        WorldBaseModel.from_pretrained(broken)
+        WorldBackbone.from_pretrained(broken)
     (broken / "unet" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"lacks unet/config.json"):
-        WorldBaseModel.from_pretrained(broken)
+        WorldBackbone.from_pretrained(broken)
 
 
 def test_shipped_oracles_load_and_separate_identities():
@@ -57,11 +58,11 @@ def test_shipped_hypernetwork_personalizes_the_shipped_base_model(tmp_path):
     from hyperbooth.cli import main
     from hyperbooth.lora import load_lora
     from hyperbooth.methods.e2e import E2EHyperNetwork
-    from hyperbooth.personalize import SHIPPED_HYPERNET
+    from hyperbooth.methods import SHIPPED_E2E
     from hyperbooth.world.evaluate import reference_images
     from hyperbooth.world.splits import identity_seeds
 
-    hypernet = E2EHyperNetwork.from_pretrained(SHIPPED_HYPERNET)
+    hypernet = E2EHyperNetwork.from_pretrained(SHIPPED_E2E)
     assert hypernet.config.encoder == "world-pretrained" and not hypernet.encoder.trainable
     seeds = list(identity_seeds("test", 2))
     refs = torch.stack([reference_images(s, 1) for s in seeds])  # (2, 1, 3, 32, 32)
@@ -76,4 +77,4 @@ def test_shipped_hypernetwork_personalizes_the_shipped_base_model(tmp_path):
     ref = tmp_path / "ref.png"
     Image.fromarray(((refs[0, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(ref)
     assert main(["personalize", "--images", str(ref), "--out", str(tmp_path / "s.safetensors"), "--format", "kohya"]) == 0
-    assert load_lora(tmp_path / "s.safetensors", WorldBaseModel.from_pretrained().unet).format == "kohya"
+    assert load_lora(tmp_path / "s.safetensors", WorldBackbone.from_pretrained().unet).format == "kohya"

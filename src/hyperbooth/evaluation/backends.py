@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from hyperbooth.train.base import resolve_device  # noqa: F401  (also used by protocol.py)
+from hyperbooth.devices import DTYPES, resolve_device
 
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.evaluation.dreambench import EvalPrompt, PromptSet, Subject, load_subjects, parse_prompts_file
@@ -123,11 +123,11 @@ class WorldBackend(Backend):
 
     def __init__(self, model: str | None = None, device: str = "cpu", steps: int = 25, scheduler: str = "dpm++",
                  num_subjects: int = 8, references: int = 3, prompts_file: str | None = None, seed: int = 0):
-        from hyperbooth.world.base_model import WorldBaseModel
+        from hyperbooth.backbones.world import WorldBackbone
 
         if model not in (None, "") and not Path(model).is_dir():
             raise CheckpointError(f"world base model folder {str(model)!r} does not exist")
-        self.model = WorldBaseModel.from_pretrained(model or None, device=resolve_device(device))
+        self.model = WorldBackbone.from_pretrained(model or None, device=resolve_device(device))
         self.steps, self.scheduler, self.seed = steps, scheduler, seed
         self.num_subjects, self.references = num_subjects, references
         self._prompts = world_prompts(parse_prompts_file(prompts_file) if prompts_file else None)
@@ -175,7 +175,6 @@ class WorldBackend(Backend):
 
 # -- diffusers StableDiffusionPipeline --------------------------------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class DiffusersBackend(Backend):

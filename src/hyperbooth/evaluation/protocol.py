@@ -23,10 +23,11 @@ import torch
 import hyperbooth
 from hyperbooth.config import to_dict
 from hyperbooth.errors import ConfigError
-from hyperbooth.evaluation.backends import DTYPES, Backend, DiffusersBackend, Guidance, WorldBackend
+from hyperbooth.devices import DTYPES
+from hyperbooth.evaluation.backends import Backend, DiffusersBackend, Guidance, WorldBackend
 from hyperbooth.evaluation.methods import METHODS, Method, build_method
 from hyperbooth.evaluation.metrics import METRICS, Metric, build_metrics
-from hyperbooth.generate import GUIDANCE
+from hyperbooth.guidance import GUIDANCE
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def guidance_of(cfg: MethodConfig) -> Guidance:
 
 def _metrics(cfg: EvalConfig) -> list[Metric]:
     m = cfg.metrics
-    from hyperbooth.evaluation.backends import resolve_device
+    from hyperbooth.devices import resolve_device
 
     return build_metrics(m.use, dino=m.dino, clip=m.clip, oracles=m.oracles, face_upsample=m.face_upsample, device=str(resolve_device(m.device)), batch_size=m.batch_size)
 

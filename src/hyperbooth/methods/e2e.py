@@ -16,24 +16,24 @@ Trained end to end through the frozen UNet with ``‖ε − ε̂‖² + λ · Σ
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from hyperbooth.backbones.base import Backbone
+from hyperbooth.diffusion import diffusion_loss
 from hyperbooth.encoders import build_encoder
-from hyperbooth.errors import CheckpointError, ConfigError
-from hyperbooth.files import atomic_write
+from hyperbooth.errors import ConfigError
 from hyperbooth.lora.inject import DEFAULT_UNET_TARGETS
-from hyperbooth.lora.weights import LoRALayer, LoRAWeights
+from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine
+from hyperbooth.methods.base import Personalizer, TrainBatch, register
 
-METHOD = "e2e"
-WEIGHTS_NAME = "hypernet.safetensors"
-CONFIG_NAME = "hypernet_config.json"
+
+#: The e2e hypernetwork trained on the world and shipped inside the package (``configs/e2e_world.yaml``).
+SHIPPED_E2E = Path(__file__).resolve().parent.parent / "assets" / "world" / "e2e"
 
 
 @dataclass
@@ -46,8 +46,11 @@ class E2EConfig:
     encoder_dim: int = 128  # token size of the world encoder
     targets: tuple[str, ...] = DEFAULT_UNET_TARGETS
     multi_reference: str = "tokens"  # "tokens" or "mean_delta"
+    output_reg: float = 1e-3  # λ of the output regularization Σ_l ‖ΔW_l‖²_F in the training loss; 0 allowed (the ablation)
 
     def validate(self) -> None:
+        if self.output_reg < 0:
+            raise ConfigError(f"hypernet.output_reg={self.output_reg} must be >= 0")
         if self.rank < 1:
             raise ConfigError(f"hypernet.rank={self.rank} must be at least 1")
         if self.d_model % self.heads:
@@ -60,14 +63,15 @@ def _group(shape: tuple[int, int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
-class E2EHyperNetwork(nn.Module):
+@register
+class E2EHyperNetwork(Personalizer):
     """references ``(N, k, 3, H, W)`` → :class:`LoRAWeights` with N subjects, for the given target shapes."""
 
+    method = "e2e"
+    config_class = E2EConfig
+
     def __init__(self, config: E2EConfig, target_shapes: dict[str, tuple[int, int]]):
-        super().__init__()
-        config.validate()
-        self.config = config
-        self.target_shapes = {name: (int(a), int(b)) for name, (a, b) in target_shapes.items()}
+        super().__init__(config, target_shapes)
         self.names = list(self.target_shapes)
         d = config.d_model
         self.encoder = build_encoder(config.encoder, config.encoder_dim)
@@ -124,52 +128,23 @@ class E2EHyperNetwork(nn.Module):
             return self.decode(memory.mean(dim=1))
         per_image = self.decode(memory.flatten(0, 1))  # N·k subjects
         n = memory.shape[0]
-        from hyperbooth.lora.weights import combine
-
         views = [per_image.select(list(range(j, n * k, k))) for j in range(k)]  # view j of every subject
         return combine(views, [1.0 / k] * k)
 
+    # -- training -------------------------------------------------------------------------------------------
+
+    def training_loss(self, batch: TrainBatch, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``‖target − f_{W+ΔW(I)}(x_t, t, c)‖²`` (Min-SNR weighted) ``+ λ · mean_n Σ_l ‖ΔW_l‖²_F``: the diffusion loss
+        through the frozen denoiser with each sample's predicted LoRA, plus the output regularization."""
+        weights = self(batch.references)  # LoRAWeights, N = batch
+        with backbone.apply_lora(weights, mode="per_sample"):
+            pred = backbone.denoise(batch.x_t, batch.t, batch.cond)
+        diff = diffusion_loss(pred, batch.target, batch.loss_weights)
+        reg = weights.frobenius_sq().mean()
+        return diff + self.config.output_reg * reg, {"diffusion_loss": diff, "reg": reg}
+
     # -- files ------------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, folder: str | os.PathLike, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-        """A folder: ``hypernet_config.json`` (method, config, target shapes) + ``hypernet.safetensors``. ``dtype``
-        (e.g. ``torch.float16``) stores the floating-point weights in that type, half the size for fp16;
-        :meth:`from_pretrained` loads them back into the model's own (fp32) parameters."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            overflow = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-            if overflow is not None:
-                raise CheckpointError(f"{overflow} does not fit in {dtype} (values overflow to inf); save in full precision instead")
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"hyperbooth.method": METHOD}))
-        meta = {"method": METHOD, "config": asdict(self.config), "target_shapes": self.target_shapes, **(extra or {})}
-        atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> E2EHyperNetwork:
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        config_path = folder / CONFIG_NAME
-        if not config_path.is_file():
-            raise CheckpointError(f"{folder} is not a hypernetwork folder ({CONFIG_NAME} is missing)")
-        meta = json.loads(config_path.read_text())
-        if meta.get("method") != METHOD:
-            raise CheckpointError(f"{config_path} holds a {meta.get('method')!r} hypernetwork, not {METHOD!r}")
-        raw = meta["config"]
-        config = E2EConfig(**{**raw, "targets": tuple(raw["targets"])})
-        model = cls(config, {k: tuple(v) for k, v in meta["target_shapes"].items()})
-        try:
-            state = load_file(str(folder / WEIGHTS_NAME))
-        except Exception as e:
-            raise CheckpointError(f"{folder / WEIGHTS_NAME} is missing or damaged ({type(e).__name__})") from None
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if model.encoder.trainable or not k.startswith("encoder.")]
-        if missing or unexpected:
-            raise CheckpointError(f"{folder / WEIGHTS_NAME} does not match its config (first mismatch: {(missing or unexpected)[0]!r})")
-        return model.eval()
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        """A frozen pre-trained encoder loads from its own folder: it is not stored with the hypernetwork."""
+        return {k: v for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}

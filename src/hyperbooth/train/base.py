@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from hyperbooth.devices import resolve_device
 from hyperbooth.config import save_config, to_dict
 from hyperbooth.diffusion import PREDICTION_TYPES, diffusion_loss, loss_weights, training_target
 from hyperbooth.errors import ConfigError
@@ -94,15 +95,6 @@ class BaseTrainConfig:
             raise ConfigError(f"mixed_precision={self.mixed_precision!r} must be 'no' or 'bf16'")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("checkpoint_every and log_every must be at least 1")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a torch device") from None
 
 
 def build_unet(cfg: BaseTrainConfig):

@@ -112,12 +112,12 @@ class _Indexed(torch.utils.data.Dataset):
 
 def train_hypernet(cfg: HyperTrainConfig, resume: bool = False, base=None) -> Path:
     """Train (or resume) a hypernetwork; returns its ``save_pretrained`` folder. ``base``: a loaded
-    :class:`WorldBaseModel` (default: load ``cfg.base_model``)."""
+    :class:`WorldBackbone` (default: load ``cfg.base_model``)."""
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from hyperbooth.world.base_model import WorldBaseModel
+    from hyperbooth.backbones.world import WorldBackbone
     from hyperbooth.world.datasets import PersonalizationPairDataset
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
@@ -128,7 +128,7 @@ def train_hypernet(cfg: HyperTrainConfig, resume: bool = False, base=None) -> Pa
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
     local_batch = cfg.optim.batch_size // world
 
-    base = base or WorldBaseModel.from_pretrained(cfg.base_model or None)
+    base = base or WorldBackbone.from_pretrained(cfg.base_model or None)
     unet = base.unet.to(device).eval().requires_grad_(False)
     alphas_cumprod = base.scheduler.alphas_cumprod.to(device)
     prediction_type = base.scheduler.config.prediction_type
@@ -234,7 +234,7 @@ def _write_checkpoint(folder: Path, cfg, step, model, optimizer, lr_schedule, em
 def _load_checkpoint(folder: Path, model, optimizer, lr_schedule, ema) -> int:
     from safetensors.torch import load_file
 
-    from hyperbooth.methods.e2e import WEIGHTS_NAME
+    from hyperbooth.methods.base import WEIGHTS_NAME
 
     state = load_state(folder / "state.pt")
     model.load_state_dict(load_file(str(folder / "hypernet" / WEIGHTS_NAME)), strict=False)

@@ -24,7 +24,8 @@ from hyperbooth.files import atomic_write
 from hyperbooth.guidance import DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, check_interval
 from hyperbooth.sampling import DEFAULT_SCHEDULER
 from hyperbooth.world import contexts as ctx
-from hyperbooth.world.base_model import WorldBaseModel, to_uint8
+from hyperbooth.backbones.world import WorldBackbone
+from hyperbooth.grids import to_uint8
 from hyperbooth.world.datasets import labels_of
 from hyperbooth.world.identity import identity_class
 from hyperbooth.world.oracles import HEADS, Oracles, identity_views
@@ -58,7 +59,7 @@ def _batched(items, n):
 
 @torch.no_grad()
 def evaluate_base_model(
-    model: WorldBaseModel,
+    model: WorldBackbone,
     oracles: Oracles,
     num: int = 320,
     guidance_scale: float = 3.0,
@@ -133,7 +134,7 @@ def _mean_pairwise_cos(z: torch.Tensor) -> float:
 
 def _write_grid(generations, path, per_row: int = 8) -> None:
     """One row per background (plain first), up to ``per_row`` generations each."""
-    from hyperbooth.world.cli import grid, write_png
+    from hyperbooth.grids import grid, save_png as write_png
 
     rows: dict = {}
     for (class_name, context), image in generations:
@@ -373,7 +374,7 @@ def personalization_rows(
     return rows
 
 
-def load_hypernetworks(folders: Sequence[str | os.PathLike], labels: Sequence[str] | None = None, base: WorldBaseModel | None = None) -> dict:
+def load_hypernetworks(folders: Sequence[str | os.PathLike], labels: Sequence[str] | None = None, base: WorldBackbone | None = None) -> dict:
     """label → :class:`~hyperbooth.methods.e2e.E2EHyperNetwork` for each folder (default labels: ``e2e`` for one,
     else the run's folder name); with ``base``, checks each emits the LoRA shapes of its UNet."""
     from hyperbooth.methods.e2e import E2EHyperNetwork
@@ -419,7 +420,7 @@ def multi_reference_variants(hypernets: Mapping, modes: Sequence[str]) -> dict:
     return out
 
 
-def check_hypernetwork(hypernet, base: WorldBaseModel, source) -> None:
+def check_hypernetwork(hypernet, base: WorldBackbone, source) -> None:
     """Raise :class:`CheckpointError` naming ``source`` unless the hypernetwork emits the LoRA shapes of ``base``'s UNet."""
     from hyperbooth.lora.inject import target_shapes
 
@@ -430,7 +431,7 @@ def check_hypernetwork(hypernet, base: WorldBaseModel, source) -> None:
 
 
 class DreamBoothLoRA:
-    """The ceiling baseline as a row of the table: DreamBooth-LoRA (:func:`hyperbooth.finetune.finetune`, the diffusers
+    """The ceiling baseline as a row of the table: DreamBooth-LoRA (:func:`hyperbooth.methods.dreambooth_lora.finetune`, the diffusers
     recipe: rank 4 on the attention projections, lr 1e-4, batch 1, ``steps`` steps) fine-tuned on each subject's
     reference images, called like a hypernetwork plus the subjects' class names.
 
@@ -441,8 +442,8 @@ class DreamBoothLoRA:
 
     kind = "dreambooth-lora"
 
-    def __init__(self, base: WorldBaseModel, steps: int = 400, cache: str | os.PathLike | None = None, seed: int = 0, progress: bool = True):
-        from hyperbooth.finetune import FinetuneConfig
+    def __init__(self, base: WorldBackbone, steps: int = 400, cache: str | os.PathLike | None = None, seed: int = 0, progress: bool = True):
+        from hyperbooth.methods.dreambooth_lora import FinetuneConfig
 
         self.base, self.progress = base, progress
         self.config = FinetuneConfig(steps=_check_positive(steps, "dreambooth steps"), seed=seed)
@@ -466,7 +467,7 @@ class DreamBoothLoRA:
 
     def __call__(self, references: torch.Tensor, class_names: Sequence[str]):
         """``references (N, k, 3, H, W)`` → LoRAWeights with N subjects (each fine-tuned on its k images)."""
-        from hyperbooth.finetune import METHOD, finetune
+        from hyperbooth.methods.dreambooth_lora import METHOD, finetune
         from hyperbooth.lora import load_lora, save_lora, stack
 
         if references.ndim != 5 or len(class_names) != references.shape[0]:
@@ -523,7 +524,7 @@ def personalization_metrics(oracles: Oracles, images: torch.Tensor, items: Seque
 
 @torch.no_grad()
 def generate_row(
-    base: WorldBaseModel,
+    base: WorldBackbone,
     row: RowSpec,
     items: Sequence[EvalItem],
     weights=None,
@@ -562,7 +563,7 @@ def _check_positive(value, name: str) -> int:
 
 @torch.no_grad()
 def evaluate_personalization(
-    base: WorldBaseModel,
+    base: WorldBackbone,
     oracles: Oracles,
     hypernets: Mapping[str, torch.nn.Module] | torch.nn.Module,
     rows: Sequence[RowSpec] | None = None,
@@ -707,7 +708,7 @@ def hypernet_source(folder: str | os.PathLike) -> str:
     """What a row label stands for in a result's ``hypernet_folders``: the resolved folder and the first 16 hex digits
     of its weights file's SHA-256, so that a checkpoint retrained into the same folder counts as another model."""
     from hyperbooth.files import files_digest
-    from hyperbooth.methods.e2e import WEIGHTS_NAME
+    from hyperbooth.methods.base import WEIGHTS_NAME
 
     folder = Path(folder).resolve()
     return f"{folder} sha256:{files_digest([folder / WEIGHTS_NAME])}"

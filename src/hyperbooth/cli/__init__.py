@@ -1,4 +1,5 @@
-"""The `hyperbooth` command: one sub-command per job, each registered by the module that implements it.
+"""The `hyperbooth` command: one sub-command per job, each in its own module of this package, which parses the
+arguments and calls library functions (the same ones the Python API and the web page use).
 
 A sub-command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` (Namespace → exit
 code). Bad input raises :class:`~hyperbooth.errors.HyperboothError`, which ends here as one line on stderr and
@@ -17,14 +18,14 @@ from hyperbooth.errors import HyperboothError
 
 #: Modules that register sub-commands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "hyperbooth.demo",
-    "hyperbooth.personalize",
-    "hyperbooth.finetune",
-    "hyperbooth.generate",
-    "hyperbooth.lora.cli",
-    "hyperbooth.train.cli",
-    "hyperbooth.world.cli",
-    "hyperbooth.evaluation.cli",
+    "hyperbooth.cli.demo",
+    "hyperbooth.cli.personalize",
+    "hyperbooth.cli.finetune",
+    "hyperbooth.cli.generate",
+    "hyperbooth.cli.lora",
+    "hyperbooth.cli.train",
+    "hyperbooth.cli.world",
+    "hyperbooth.cli.eval",
 )
 
 log = logging.getLogger("hyperbooth")

@@ -13,30 +13,40 @@ the LoRA of Hu et al., 2021), on hyperbooth's own parts:
   ``"a <class>"`` before training, and ``loss = subject loss + prior_weight · prior loss`` on a batch holding both.
 
 The LoRA is a :class:`~hyperbooth.lora.weights.LoRAWeights` with N = 1 whose factors are ``nn.Parameter`` s, applied
-with ``LoRAInjector(unet).apply(weights, mode="shared")``: forward hooks, nothing in the UNet changes, gradients
-reach only ``A`` and ``B``.
+with ``backbone.apply_lora(weights, mode="shared")``: forward hooks, nothing in the UNet changes, gradients
+reach only ``A`` and ``B``. It may start from a given LoRA (``init``: e.g. a hypernetwork's prediction, which
+HyperDreamBooth's fast fine-tune refines) instead of ``B = 0``.
+
+As a method (:class:`DreamBoothLoRA`, registered as ``dreambooth-lora``) it is a per-subject fine-tune with its own
+clock: ``personalize`` fine-tunes each subject and records the seconds it took.
 
     hyperbooth finetune --images a.png b.png c.png --class-name toy --out subject.safetensors
 """
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import json
 import logging
 import math
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from hyperbooth.backbones.base import Backbone
 from hyperbooth.diffusion import diffusion_loss, training_target
 from hyperbooth.errors import ConfigError
-from hyperbooth.lora.inject import DEFAULT_UNET_TARGETS, LoRAInjector, target_shapes
-from hyperbooth.lora.weights import LoRALayer, LoRAWeights
+from hyperbooth.generate import generate
+from hyperbooth.lora.inject import DEFAULT_UNET_TARGETS
+from hyperbooth.lora.io import load_lora, save_lora
+from hyperbooth.lora.weights import LoRALayer, LoRAWeights, stack
+from hyperbooth.methods.base import Personalizer, register
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +127,14 @@ def init_lora(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Ge
     return LoRAWeights(layers)
 
 
+def trainable_copy(weights: LoRAWeights, device=None, dtype=None) -> LoRAWeights:
+    """A copy of a one-subject LoRA whose factors are fresh ``nn.Parameter`` s (the given tensors are not changed)."""
+    if weights.num_subjects != 1:
+        raise ConfigError(f"init must hold one subject, got N={weights.num_subjects}")
+    return weights.map(lambda l: LoRALayer(nn.Parameter(l.A.detach().clone().to(device=device, dtype=dtype)),
+                                           nn.Parameter(l.B.detach().clone().to(device=device, dtype=dtype)), l.alpha))
+
+
 def _snapshot(weights: LoRAWeights) -> LoRAWeights:
     """A detached copy that later optimizer steps do not change."""
     return weights.map(lambda l: LoRALayer(l.A.detach().clone(), l.B.detach().clone(), l.alpha))
@@ -139,8 +157,6 @@ def _flip(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor
 @torch.no_grad()
 def class_images(base, class_name: str, num: int, cfg: FinetuneConfig, batch_size: int = 16) -> torch.Tensor:
     """``num`` images of the class prompt from the frozen base model (CFG), ``(num, 3, H, W)`` in [-1, 1]."""
-    from hyperbooth.generate import generate
-
     prompt = class_prompt(class_name)
     out = []
     for b, start in enumerate(range(0, num, batch_size)):
@@ -162,17 +178,19 @@ def _check_inputs(base, images: torch.Tensor, class_name: str) -> None:
 
 
 def finetune(
-    base,
+    base: Backbone,
     images: torch.Tensor,
     class_name: str,
     cfg: FinetuneConfig | None = None,
     callback: Callable[[int, LoRAWeights], None] | None = None,
     progress: bool = False,
+    init: LoRAWeights | None = None,
 ) -> tuple[LoRAWeights, FinetuneStats]:
     """Fine-tune a DreamBooth-LoRA on ``images (k, 3, H, W)`` in [-1, 1] of one subject of class ``class_name``.
 
-    ``base``: a :class:`~hyperbooth.world.base_model.WorldBaseModel` (``unet``, ``scheduler``, ``encode``,
-    ``resolution``); its UNet is not changed (its ``requires_grad`` flags are restored on exit).
+    ``base``: any :class:`~hyperbooth.backbones.base.Backbone`; its UNet is not changed (its ``requires_grad`` flags
+    are restored on exit). ``init``: a LoRA of one subject to start from (its factors are copied and trained; its
+    rank replaces ``cfg.rank``); default ``A`` random, ``B = 0``.
     ``callback(step, weights)`` runs at step 0 (before training: ΔW = 0, the base model) and after every optimizer
     step with a detached copy of the LoRA; its time is not counted in ``stats.seconds``.
 
@@ -194,20 +212,26 @@ def finetune(
     unet = base.unet
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(cfg.seed)
-    weights = init_lora(target_shapes(unet, cfg.targets), cfg.rank, generator, device=device, dtype=dtype)
+    if init is None:
+        weights = init_lora(base.target_shapes(cfg.targets), cfg.rank, generator, device=device, dtype=dtype)
+    else:
+        weights = trainable_copy(init, device=device, dtype=dtype)
     params = [p for layer in weights.values() for p in (layer.A, layer.B)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant lr
     alphas_cumprod = base.scheduler.alphas_cumprod.to(device)
-    prediction_type = base.scheduler.config.prediction_type
-    injector = LoRAInjector(unet)
-    images = images.to(device=device, dtype=dtype)
+    prediction_type = base.prediction_type
+    with torch.no_grad():
+        images = base.to_model(images.to(device=device, dtype=dtype))  # x0 in the denoiser's space
 
     t_class = time.perf_counter()
-    priors = class_images(base, class_name, cfg.num_class_images, cfg).to(device=device, dtype=dtype) if cfg.prior_preservation else None
+    priors = None
+    if cfg.prior_preservation:
+        with torch.no_grad():
+            priors = base.to_model(class_images(base, class_name, cfg.num_class_images, cfg).to(device=device, dtype=dtype))
     class_seconds = time.perf_counter() - t_class if priors is not None else 0.0
 
     b = cfg.batch_size
-    states, mask = base.encode([instance_prompt(class_name, cfg.token)] * b + [class_prompt(class_name)] * (b if priors is not None else 0))
+    cond = base.encode_prompts([instance_prompt(class_name, cfg.token)] * b + [class_prompt(class_name)] * (b if priors is not None else 0))
     subject_order = _cycle(images.shape[0], generator)
     prior_order = _cycle(priors.shape[0], generator) if priors is not None else None
     stats = FinetuneStats(seconds=0.0, class_image_seconds=class_seconds, steps=cfg.steps)
@@ -230,8 +254,8 @@ def finetune(
             a = alphas_cumprod[t].view(-1, 1, 1, 1).to(dtype)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
             target = training_target(prediction_type, x0, noise, alphas_cumprod, t)
-            with injector.apply(weights, mode="shared"):
-                pred = unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+            with base.apply_lora(weights, mode="shared"):
+                pred = base.denoise(x_t, t, cond)
             loss = subject_loss = diffusion_loss(pred[:b], target[:b])
             if priors is not None:
                 prior_loss = diffusion_loss(pred[b:], target[b:])
@@ -256,65 +280,86 @@ def finetune(
     return _snapshot(weights), stats
 
 
-# -- command line ----------------------------------------------------------------------------------------------
+# -- as a method ---------------------------------------------------------------------------------------------------
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("finetune", help="reference images → a LoRA file by DreamBooth-LoRA fine-tuning (the baseline)")
-    parser.add_argument("--images", nargs="+", required=True, help="image files or folders of images of one subject")
-    parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
-    parser.add_argument("--class-name", required=True, help="the subject's class word, e.g. toy (prompt 'a sks <class>')")
-    parser.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers")
-    parser.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped world model)")
-    d = FinetuneConfig()
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--rank", type=int, default=d.rank)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--token", default=d.token, help="the rare token that names the subject")
-    parser.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    parser.add_argument("--prior-preservation", action="store_true", help="add the class-prior loss on generated class images")
-    parser.add_argument("--prior-weight", type=float, default=d.prior_weight)
-    parser.add_argument("--num-class-images", type=int, default=d.num_class_images)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.set_defaults(func=run)
+@register
+class DreamBoothLoRA(Personalizer):
+    """DreamBooth-LoRA as a :class:`~hyperbooth.methods.base.Personalizer`: ``personalize`` fine-tunes one LoRA per
+    subject on its references (:func:`finetune`); ``seconds_per_subject`` is the mean fine-tuning time of the last
+    call. Nothing is trained ahead (``trainable = False``); its folder holds only its config.
 
+    ``cache``: a folder where each subject's LoRA is kept as ``dreambooth-<hash>.safetensors`` (the hash covers the
+    reference pixels, the class, the backbone and the settings) with its fine-tuning seconds in the header, so a
+    rerun reuses it (the seconds are read back from the header).
+    """
 
-def run(args: argparse.Namespace) -> int:
-    from hyperbooth.images import image_files, load_image
-    from hyperbooth.lora.io import save_lora
-    from hyperbooth.world.base_model import WorldBaseModel
+    method = METHOD
+    config_class = FinetuneConfig
+    trainable: ClassVar[bool] = False
+    needs_class_names: ClassVar[bool] = True
 
-    out: Path = args.out
-    if out.suffix != ".safetensors":
-        raise ConfigError(f"--out must be a .safetensors file, got {str(out)!r}")
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {str(out)!r}: folder {str(out.parent)!r} does not exist")
-    if out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a folder")
-    cfg = FinetuneConfig(steps=args.steps, rank=args.rank, lr=args.lr, batch_size=args.batch_size, token=args.token,
-                         flip_p=0.0 if args.no_flip else FinetuneConfig.flip_p, prior_preservation=args.prior_preservation,
-                         prior_weight=args.prior_weight, num_class_images=args.num_class_images, seed=args.seed)
-    try:
-        cfg.validate()
-    except ConfigError as e:  # name the option as typed: "--num-class-images=0 must be …"
-        key, _, rest = str(e).partition("=")
-        raise ConfigError(f"--{key.replace('_', '-')}={rest}") from None
-    if not args.class_name.strip():
-        raise ConfigError(f"--class-name {args.class_name!r} must be a non-empty word")
-    files = image_files(args.images)
-    for f in files:  # fail on a bad file before loading the model
-        load_image(f)
-    base = WorldBaseModel.from_pretrained(args.model)
-    images = torch.stack([load_image(f, size=base.resolution) for f in files])  # (k, 3, H, W)
-    torch.manual_seed(cfg.seed)
-    weights, stats = finetune(base, images, args.class_name, cfg, progress=True)
-    meta = {
-        "hyperbooth.finetune_config": json.dumps(asdict(cfg)),
-        "hyperbooth.instance_prompt": instance_prompt(args.class_name, cfg.token),
-        "hyperbooth.finetune_seconds": f"{stats.seconds:.2f}",
-    }
-    save_lora(out, weights, args.format, models={"unet": base.unet}, method=METHOD, base_model=str(base.path.name), extra_metadata=meta)
-    print(f"wrote {out} ({args.format} layout, {len(weights)} modules, rank {cfg.rank}); {cfg.steps} steps on "
-          f"{len(files)} image(s) in {stats.seconds:.1f} s; prompt: {instance_prompt(args.class_name, cfg.token)!r}")
-    return 0
+    def __init__(self, config: FinetuneConfig | None = None, target_shapes: dict | None = None,
+                 cache: str | os.PathLike | None = None, progress: bool = False):
+        super().__init__(config or FinetuneConfig(), target_shapes or {})
+        self.cache = Path(cache) if cache is not None else None
+        if self.cache is not None and self.cache.exists() and not self.cache.is_dir():
+            raise ConfigError(f"DreamBooth-LoRA cache {str(self.cache)!r} is not a folder")
+        self.progress = progress
+        self.seconds_per_subject = float("nan")
+
+    @classmethod
+    def for_backbone(cls, config, backbone: Backbone) -> DreamBoothLoRA:
+        return cls(config, backbone.target_shapes(cls.targets_of(config)))
+
+    def check_backbone(self, backbone: Backbone, source=None) -> None:
+        if self.target_shapes:  # a fine-tune fits any backbone; one built for a given backbone is checked
+            super().check_backbone(backbone, source)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, references: torch.Tensor) -> LoRAWeights:
+        raise ConfigError("DreamBooth-LoRA fine-tunes through a backbone: call personalize(references, backbone, class_names)")
+
+    def _key(self, refs: torch.Tensor, class_name: str, backbone: Backbone) -> str:
+        h = hashlib.sha256(refs.detach().cpu().float().contiguous().numpy().tobytes())
+        h.update(json.dumps({"class": class_name, "base": str(backbone.path), **asdict(self.config)}, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:20]
+
+    def personalize(self, references: torch.Tensor, backbone: Backbone | None = None,
+                    class_names: Sequence[str] | None = None, init: LoRAWeights | None = None) -> LoRAWeights:
+        """``references (N, k, 3, H, W)`` → LoRAWeights with N subjects, each fine-tuned on its k images with the
+        prompt ``"a sks <class>"``. ``init``: a LoRA with N subjects to start each fine-tune from."""
+        if backbone is None:
+            raise ConfigError("DreamBooth-LoRA needs the backbone it fine-tunes")
+        if references.ndim == 4:
+            references = references[None]
+        if references.ndim != 5 or class_names is None or len(class_names) != references.shape[0]:
+            shape = tuple(references.shape)
+            raise ConfigError(f"DreamBooth-LoRA needs references (N, k, 3, H, W) and N class names; got {shape} and {class_names!r}")
+        self.check_backbone(backbone)
+        if self.cache is not None:
+            self.cache.mkdir(parents=True, exist_ok=True)
+        subjects, seconds = [], []
+        for i, class_name in enumerate(class_names):
+            path = None
+            if self.cache is not None and init is None:
+                path = self.cache / f"dreambooth-{self._key(references[i], class_name, backbone)}.safetensors"
+            if path is not None and path.is_file():
+                loaded = load_lora(path, backbone.unet)
+                weights, spent = loaded.unet, float(loaded.metadata.get("hyperbooth.finetune_seconds", "nan"))
+            else:
+                start = None if init is None else init.select(i)
+                with torch.enable_grad():
+                    weights, stats = finetune(backbone, references[i], class_name, self.config, progress=self.progress, init=start)
+                spent = stats.seconds
+                if path is not None:
+                    save_lora(path, weights, models={"unet": backbone.unet}, method=METHOD, base_model=str(backbone.path),
+                              extra_metadata={"hyperbooth.finetune_seconds": f"{spent:.4f}", "hyperbooth.finetune_steps": str(self.config.steps)})
+            subjects.append(weights)
+            seconds.append(spent)
+            log.info("DreamBooth-LoRA subject %d/%d (%s): %.1f s", i + 1, len(class_names), class_name, spent)
+        self.seconds_per_subject = sum(seconds) / len(seconds)
+        return stack(subjects)

@@ -175,11 +175,11 @@ def _eval_oracles(args: argparse.Namespace) -> int:
 
 
 def _eval_base(args: argparse.Namespace) -> int:
-    from hyperbooth.world.base_model import WorldBaseModel
+    from hyperbooth.backbones.world import WorldBackbone
     from hyperbooth.world.evaluate import evaluate_base_model
     from hyperbooth.world.oracles import Oracles
 
-    model = WorldBaseModel.from_pretrained(args.model)
+    model = WorldBackbone.from_pretrained(args.model)
     oracles = Oracles.load(args.oracles)
     figures = evaluate_base_model(model, oracles, num=args.num, guidance_scale=args.guidance_scale, steps=args.steps, scheduler=args.scheduler, grid_path=args.grid)
     text = json.dumps(figures, indent=2)
@@ -227,9 +227,9 @@ def _merge_evals(args: argparse.Namespace) -> int:
 def _eval_personalization(args: argparse.Namespace) -> int:
     import time
 
-    from hyperbooth.personalize import SHIPPED_HYPERNET
+    from hyperbooth.methods import SHIPPED_E2E
     from hyperbooth.world import evaluate as ev
-    from hyperbooth.world.base_model import WorldBaseModel
+    from hyperbooth.backbones.world import WorldBackbone
     from hyperbooth.world.oracles import Oracles
 
     t0 = time.perf_counter()
@@ -248,9 +248,9 @@ def _eval_personalization(args: argparse.Namespace) -> int:
         if value < 1:
             raise ConfigError(f"{option}={value} must be at least 1")
     _check_outputs(args)
-    folders = args.hypernet or [SHIPPED_HYPERNET]
+    folders = args.hypernet or [SHIPPED_E2E]
     hypernets = ev.load_hypernetworks(folders, args.label)
-    base = WorldBaseModel.from_pretrained(args.model)
+    base = WorldBackbone.from_pretrained(args.model)
     for folder, hypernet in zip(folders, hypernets.values()):
         ev.check_hypernetwork(hypernet, base, folder)
     # what each row label stands for (folder and weights digest), so that merge-evals can refuse one label naming two

@@ -1,0 +1,237 @@
+"""The Personalizer interface: reference images of subjects → a LoRA per subject, and the registry of methods.
+
+A method is one module with a :class:`Personalizer` subclass decorated with :func:`register`:
+
+    @register
+    class MyHyperNetwork(Personalizer):
+        method = "mine"
+        config_class = MyConfig          # a dataclass with validate(); saved with the weights
+
+        def forward(self, references):  # (N, k, 3, H, W) in [-1, 1] → LoRAWeights with N subjects
+            ...
+        def training_loss(self, batch, backbone):   # trainable methods: (loss, {name: scalar})
+            ...
+
+Then ``hyperbooth train`` trains it (``method: mine`` in the config), ``hyperbooth.methods.load(folder)`` loads it,
+and ``personalize`` / ``generate`` / the evaluation harness run it, with no other file changed.
+
+Files (``save_pretrained`` / ``from_pretrained``, diffusers' convention): ``hypernet_config.json`` holds the method's
+name, its config, the backbone's target shapes and extra fields (the training config); ``hypernet.safetensors`` the
+weights (frozen pre-trained encoders are not stored: they load from their own folders).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from hyperbooth.backbones.base import Backbone, Conditioning
+from hyperbooth.config import config_from_dict
+from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.files import atomic_write
+from hyperbooth.lora.weights import LoRAWeights
+
+WEIGHTS_NAME = "hypernet.safetensors"
+CONFIG_NAME = "hypernet_config.json"
+
+#: method name → class; filled by :func:`register`
+METHODS: dict[str, type[Personalizer]] = {}
+
+
+@dataclass
+class TrainBatch:
+    """One training batch as a method's loss sees it, with the diffusion forward process already applied.
+
+    ``references (N, k, 3, H, W)`` images of each sample's subject in [-1, 1]; ``x0 (N, C, h, w)`` the target in the
+    denoiser's space; ``noise``, ``t (N,)``, ``x_t`` the forward process; ``target`` what the denoiser should
+    predict; ``cond`` the (possibly dropped) prompts' conditioning; ``loss_weights (N,)`` Min-SNR weights;
+    ``prompts`` the texts; ``class_names`` the subjects' classes where known.
+    """
+
+    references: torch.Tensor
+    x0: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    x_t: torch.Tensor
+    target: torch.Tensor
+    cond: Conditioning
+    loss_weights: torch.Tensor
+    prompts: list[str]
+    class_names: list[str | None]
+
+
+class Personalizer(nn.Module):
+    """references ``(N, k, 3, H, W)`` → :class:`~hyperbooth.lora.weights.LoRAWeights` with N subjects.
+
+    Subclasses set ``method`` and ``config_class`` and implement ``forward`` (and ``training_loss`` if trainable).
+    ``target_shapes``: UNet module name → ``(d_in, d_out)``, what the LoRA must fit.
+    """
+
+    method: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    #: whether ``hyperbooth train`` can train it (a hypernetwork); a per-subject fine-tune is not trained ahead
+    trainable: ClassVar[bool] = True
+    #: whether ``personalize`` needs the subjects' class names (a fine-tune's prompt "a sks <class>")
+    needs_class_names: ClassVar[bool] = False
+
+    def __init__(self, config, target_shapes: dict[str, tuple[int, int]]):
+        super().__init__()
+        if hasattr(config, "validate"):
+            config.validate()
+        self.config = config
+        self.target_shapes = {name: (int(a), int(b)) for name, (a, b) in target_shapes.items()}
+
+    # -- building --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def targets_of(cls, config) -> tuple[str, ...] | None:
+        """The UNet target patterns the config names (``config.targets``), or None for the backbone's default."""
+        return tuple(getattr(config, "targets", ())) or None
+
+    @classmethod
+    def for_backbone(cls, config, backbone: Backbone) -> Personalizer:
+        """A new (untrained) instance that emits LoRAs for ``backbone``'s target modules."""
+        return cls(config, backbone.target_shapes(cls.targets_of(config)))
+
+    def check_backbone(self, backbone: Backbone, source: str | os.PathLike | None = None) -> None:
+        """A clear error when this personalizer was built for another backbone (target names or shapes differ)."""
+        where = f" {source}" if source else ""
+        try:
+            wanted = backbone.target_shapes(self.targets_of(self.config))
+        except ConfigError as e:
+            raise CheckpointError(f"the {self.method} personalizer{where} was built for another backbone than {backbone.path} ({e})") from None
+        if wanted != self.target_shapes:
+            diff = sorted(set(wanted.items()) ^ set(self.target_shapes.items()))[0]
+            raise CheckpointError(f"the {self.method} personalizer{where} was built for another backbone than {backbone.path} "
+                                  f"(first target that differs: {diff[0]!r})")
+
+    # -- use -------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def forward(self, references: torch.Tensor) -> LoRAWeights: ...
+
+    @torch.no_grad()
+    def personalize(self, references: torch.Tensor, backbone: Backbone | None = None,
+                    class_names: Sequence[str] | None = None) -> LoRAWeights:
+        """references ``(N, k, 3, H, W)`` (or ``(k, 3, H, W)`` for one subject) → LoRAWeights with N subjects,
+        checked against ``backbone`` when one is given. ``class_names``: the subjects' classes (methods with
+        ``needs_class_names``)."""
+        if references.ndim == 4:
+            references = references[None]
+        if backbone is not None:
+            self.check_backbone(backbone)
+        return self(references.to(self.device))
+
+    def training_loss(self, batch: TrainBatch, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise for one batch and the scalars to log (trainable methods)."""
+        raise ConfigError(f"method {self.method!r} is not trained by `hyperbooth train`")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- files -----------------------------------------------------------------------------------------------
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` writes (default: the whole state dict)."""
+        return self.state_dict()
+
+    def save_pretrained(self, folder: str | os.PathLike, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+        """``hypernet_config.json`` (method, config, target shapes, ``extra``) + ``hypernet.safetensors``. ``dtype``
+        (e.g. ``torch.float16``) stores floating-point weights in that type; loading casts them back."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_to_save().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+            overflow = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+            if overflow is not None:
+                raise CheckpointError(f"{overflow} does not fit in {dtype} (values overflow to inf); save in full precision instead")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"hyperbooth.method": self.method}))
+        meta = {"method": self.method, "config": asdict(self.config), "target_shapes": self.target_shapes, **(extra or {})}
+        atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+        return folder
+
+    def load_weights(self, path: Path) -> None:
+        """Load ``hypernet.safetensors`` into this model; a missing, damaged or mismatched file is named."""
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is missing or damaged ({type(e).__name__})") from None
+        expected = self.state_to_save()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        bad_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        if missing or unexpected or bad_shape:
+            raise CheckpointError(f"{path} does not match its config (first mismatch: {(missing or unexpected or bad_shape)[0]!r})")
+        self.load_state_dict(state, strict=False)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> Personalizer:
+        folder = Path(folder)
+        meta = read_config(folder)
+        if meta["method"] != cls.method:
+            raise CheckpointError(f"{folder / CONFIG_NAME} holds a {meta['method']!r} personalizer, not {cls.method!r}")
+        config = config_from_dict(cls.config_class, meta.get("config") or {}, source=str(folder / CONFIG_NAME))
+        model = cls(config, {k: tuple(v) for k, v in meta.get("target_shapes", {}).items()})
+        if model.state_to_save():
+            model.load_weights(folder / WEIGHTS_NAME)
+        return model.eval()
+
+
+# -- registry -----------------------------------------------------------------------------------------------------
+
+
+def register(cls: type[Personalizer]) -> type[Personalizer]:
+    """Class decorator: make ``cls`` available under ``cls.method`` to ``load``, ``get`` and ``hyperbooth train``."""
+    if not cls.method:
+        raise ConfigError(f"{cls.__name__} must set a method name")
+    if cls.method in METHODS and METHODS[cls.method] is not cls:
+        raise ConfigError(f"method {cls.method!r} is already registered by {METHODS[cls.method].__name__}")
+    if not (isinstance(cls.config_class, type) and fields(cls.config_class)):
+        raise ConfigError(f"{cls.__name__}.config_class must be a dataclass")
+    METHODS[cls.method] = cls
+    return cls
+
+
+def get(name: str, what: str = "method") -> type[Personalizer]:
+    """The class registered as ``name``; an unknown name lists the registered ones."""
+    if name not in METHODS:
+        raise ConfigError(f"{what} {name!r} is not a registered method; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """``hypernet_config.json`` of a personalizer folder, with its ``method``; errors name the folder."""
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"personalizer folder {str(folder)!r} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a hypernetwork folder ({CONFIG_NAME} is missing)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("method"), str):
+        raise CheckpointError(f"{path} does not name its method")
+    return meta
+
+
+def load(folder: str | os.PathLike) -> Personalizer:
+    """The personalizer saved in ``folder``, of the class its config names."""
+    meta = read_config(folder)
+    cls = get(meta["method"], what=f"{Path(folder) / CONFIG_NAME} names method")
+    return cls.from_pretrained(folder)

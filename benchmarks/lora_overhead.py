@@ -23,6 +23,7 @@ import statistics
 import time
 
 import torch
+from diffusers import UNet2DConditionModel
 
 from hyperbooth.lora import DEFAULT_UNET_TARGETS, LoRAWeights, apply_lora, target_shapes
 from hyperbooth.tiny import SD15_UNET_CONFIG
@@ -36,8 +37,6 @@ def bench_unet(name: str, config: dict, latent: int, text_len: int, batches: lis
     calls the three back to back, and the ratio is taken within the round: a machine whose speed drifts (shared
     cores) slows neighbouring calls alike, so the paired ratio is far steadier than a ratio of separate medians.
     """
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config).eval().requires_grad_(False)
     shapes = target_shapes(unet, DEFAULT_UNET_TARGETS)

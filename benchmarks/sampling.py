@@ -29,21 +29,26 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from hyperbooth.backbones import load_backbone
+from hyperbooth.generate import generate
 from hyperbooth.guidance import cfg, hm_cfg
 from hyperbooth.lora import LoRAInjector, save_lora, target_shapes
+from hyperbooth.methods.e2e import E2EHyperNetwork
+from hyperbooth.personalize import load_personalizer
+from hyperbooth.tiny import SD15_UNET_CONFIG
 
 
 def load_models(random: bool):
     """(base model, hypernetwork): the shipped ones, or random weights of the same architecture."""
-    from hyperbooth.generate import load_hypernet
-    from hyperbooth.backbones.world import WorldBackbone
-
-    base = WorldBackbone.from_pretrained()
-    hypernet = load_hypernet()
+    base = load_backbone(None)
+    hypernet = load_personalizer()
     if random:
         torch.manual_seed(0)
         for p in list(base.unet.parameters()) + list(hypernet.parameters()):
@@ -88,8 +93,9 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
     t = torch.full((n,), 500)
     weights = hypernet(torch.rand(n, 1, 3, res, res, generator=g) * 2 - 1)
     prompts = [f"a sks toy in the snow {i}" for i in range(n)]
-    s2, m2 = base.encode([""] * n + prompts)  # CFG: [∅; c]
-    s3, m3 = base.encode([""] * n + prompts + prompts)  # HM-CFG: [∅; c; c]
+    c2 = base.encode_prompts([""] * n + prompts)  # CFG: [∅; c]
+    c3 = base.encode_prompts([""] * n + prompts + prompts)  # HM-CFG: [∅; c; c]
+    s2, m2, s3, m3 = c2.states, c2.mask, c3.states, c3.mask
     rows3 = torch.cat([torch.full((2 * n,), -1), torch.arange(n)])
 
     def call2(model):
@@ -147,8 +153,6 @@ def bench_step(base, hypernet, n: int, rounds: int) -> dict:
 def bench_image(base, hypernet, steps: int, rounds: int, interval: tuple[float, float]) -> dict:
     """Whole images (``generate``, ``steps`` steps, one subject): CFG, HM-CFG every step, HM-CFG whose personalized
     branch runs only for noise levels in ``interval`` (its other steps run the 2 base rows)."""
-    from hyperbooth.generate import generate
-
     g = torch.Generator().manual_seed(0)
     weights = hypernet(torch.rand(1, 1, 3, base.resolution, base.resolution, generator=g) * 2 - 1)
     prompts = ["a sks toy in the snow"]
@@ -174,7 +178,7 @@ def bench_personalize(base, hypernet, k: int, rounds: int) -> dict:
         return hypernet(refs)
 
     def to_file():
-        save_lora(tmp / "subject.safetensors", hypernet(refs), "diffusers", models={"unet": base.unet}, method="e2e")
+        save_lora(tmp / "subject.safetensors", hypernet(refs), "diffusers", models={"unet": base.unet}, method=hypernet.method)
 
     return paired({"image encoder forward": encoder_only, "images → LoRAWeights": to_weights, "images → .safetensors file": to_file}, rounds)
 
@@ -185,14 +189,6 @@ CLIP_VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=
 
 def sd15_hypernet(like: torch.nn.Module, folder: Path):
     """The e2e hypernetwork with the shipped decoder's settings, a CLIP ViT-L/14 encoder, targets of SD 1.5's UNet."""
-    from dataclasses import replace
-
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    from hyperbooth.methods.e2e import E2EHyperNetwork
-    from hyperbooth.tiny import SD15_UNET_CONFIG
-
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig(**CLIP_VIT_L14)).save_pretrained(folder)
     with torch.device("meta"):

@@ -5,12 +5,15 @@ DreamBooth), DreamBooth-LoRA (:mod:`hyperbooth.methods.dreambooth_lora`, the dif
 evaluated at increasing step counts (0, 25, 50, 100, 200, … up to ``--max-steps``). At each checkpoint it generates
 the rare-token prompts ``"a sks <class> <context>"`` for a few contexts with CFG, and measures
 
-- subject fidelity: the identity oracle's cosine to the identity's prototype (``subject_fidelity``), mean;
-- prompt fidelity: the context oracle's "every attribute the prompt named is there" (``prompt_fidelity``), nan-mean;
+- subject fidelity: the identity oracle's cosine to the identity's prototype, mean;
+- prompt fidelity: the context oracle's "every attribute the prompt named is there", nan-mean
+
+(``hyperbooth.world.fidelity.personalization_metrics``: the world table's code path);
 - seconds: wall time of fine-tuning up to that step (setup and class images included, evaluation excluded).
 
-The hypernetwork (``--hypernet``, default the shipped e2e one) gives its point: the time of one forward pass per
-subject and its fidelities on the same prompts and seeds. Step 0 (ΔW = 0) is the base model, the floor.
+The personalizer (``--hypernet``: a folder of any registered method, default the shipped e2e hypernetwork) gives its
+point through the Personalizer interface: its time per subject (one ``personalize`` call after a warm-up, or the
+method's own clock) and its fidelities on the same prompts and seeds. Step 0 (ΔW = 0) is the base model, the floor.
 "time-to-equal-fidelity" is the DreamBooth-LoRA time at which the mean curve first reaches the hypernetwork's
 subject fidelity (linear interpolation between checkpoints), divided by the hypernetwork's time.
 
@@ -30,6 +33,23 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from hyperbooth.backbones.base import as_components
+from hyperbooth.backbones.world import WorldBackbone
+from hyperbooth.errors import ConfigError, HyperboothError
+from hyperbooth.files import atomic_write, files_digest
+from hyperbooth.generate import generate
+from hyperbooth.methods import SHIPPED_E2E, load
+from hyperbooth.methods.dreambooth_lora import FinetuneConfig, finetune
+from hyperbooth.world.base_model import SHIPPED_BASE_MODEL
+from hyperbooth.world.contexts import RARE_TOKEN, Context
+from hyperbooth.world.fidelity import personalization_metrics, reference_images
+from hyperbooth.world.identity import make_identity
+from hyperbooth.world.oracles import SHIPPED_ORACLES, Oracles
+from hyperbooth.world.personalization import personalize_subjects
+from hyperbooth.world.protocol import EvalItem
+from hyperbooth.world.splits import identity_seeds
 
 
 def checkpoint_steps(max_steps: int, first: int = 25) -> list[int]:
@@ -75,10 +95,6 @@ def _json_safe(value):
     return value
 
 
-def _nanmean(x: torch.Tensor) -> float:
-    return float(torch.nanmean(x.float())) if x.numel() and not torch.isnan(x).all() else float("nan")
-
-
 class Evaluator:
     """Generates one identity's evaluation prompts with a LoRA (or none) and scores them with the oracles."""
 
@@ -88,25 +104,21 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, identity_seed: int, class_name: str, weights, index: int, guidance: str = "cfg") -> dict[str, float]:
-        from hyperbooth.generate import generate
-        from hyperbooth.world.contexts import RARE_TOKEN, prompt_for
-        from hyperbooth.world.evaluate import prompt_fidelity, subject_fidelity
-
-        prompts = [prompt_for(class_name, c, token=RARE_TOKEN) for c in self.contexts]
+        """``weights``: one subject's LoRA (``LoRAWeights`` or by component), or None for the base model."""
+        items = [EvalItem(0, identity_seed, class_name, c) for c in self.contexts]
+        prompts = [it.prompt(RARE_TOKEN) for it in items]
         n = len(prompts)
-        w = None if weights is None else weights.select([0] * n)
-        images = generate(self.base, prompts, weights=w, guidance=guidance, guidance_scale=self.guidance_scale,
+        if weights is not None:  # one row per prompt (the per-sample path, for every checkpoint alike)
+            weights = {c: w.select([0] * n) for c, w in as_components(weights).items()}
+        images = generate(self.base, prompts, weights=weights, guidance=guidance, guidance_scale=self.guidance_scale,
                           w_base=self.guidance_scale, steps=self.sample_steps, seed=self.seed + index).cpu()
-        subject = subject_fidelity(self.oracles, images, [identity_seed] * n)
-        prompt = prompt_fidelity(self.oracles, images, [class_name] * n, list(self.contexts))["context"]
-        return {"subject_fidelity": float(subject.mean()), "prompt_fidelity": _nanmean(prompt)}
+        figures = personalization_metrics(self.oracles, images, items)
+        return {"subject_fidelity": figures["subject"], "prompt_fidelity": figures["prompt"]}
 
 
 def run_dreambooth(evaluate: Evaluator, identity_seed: int, class_name: str, refs: torch.Tensor, index: int,
                    steps: list[int], cfg) -> list[dict]:
     """Fine-tune on ``refs``; at each step of ``steps`` record seconds so far (evaluation excluded) and fidelities."""
-    from hyperbooth.methods.dreambooth_lora import finetune
-
     rows = []
     clock = {"spent": 0.0, "since": time.perf_counter()}
     wanted = set(steps)
@@ -123,14 +135,14 @@ def run_dreambooth(evaluate: Evaluator, identity_seed: int, class_name: str, ref
 
 
 @torch.no_grad()
-def hypernet_point(hypernet, evaluate: Evaluator, identities, guidance: str) -> tuple[list[float], list[dict]]:
-    """Milliseconds of one forward pass per subject (after one warm-up pass) and its fidelities per identity."""
-    hypernet(identities[0][2][None])  # warm-up
+def hypernet_point(personalizer, evaluate: Evaluator, identities, guidance: str) -> tuple[list[float], list[dict]]:
+    """Milliseconds per subject of the personalizer (one ``personalize`` call per identity after an untimed warm-up,
+    or the method's own clock: ``hyperbooth.world.personalization.personalize_subjects``) and its fidelities per
+    identity."""
     ms, scores = [], []
     for index, (seed, class_name, refs) in enumerate(identities):
-        t0 = time.perf_counter()
-        weights = hypernet(refs[None])  # (1, k, 3, H, W) → N = 1
-        ms.append((time.perf_counter() - t0) * 1e3)
+        weights, spent = personalize_subjects(personalizer, refs[None], [class_name], evaluate.base)  # (1, k, 3, H, W) → N = 1
+        ms.append(spent)
         scores.append(evaluate(seed, class_name, weights, index, guidance=guidance))
     return ms, scores
 
@@ -160,9 +172,6 @@ def weights_digest(folder: Path) -> str:
     """The first 16 hex digits of the SHA-256 of a model folder's weights and configs (``.safetensors`` and ``.json``
     files: relative names and bytes, in name order): the same model in another folder, or reached by another path,
     gives the same digest. A folder without ``.safetensors`` weights is refused."""
-    from hyperbooth.errors import ConfigError
-    from hyperbooth.files import files_digest
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"{str(folder)!r} does not exist or is not a folder")
@@ -176,8 +185,6 @@ def reused_curve(path: Path, args, weights: dict[str, str], identities: list[int
     """The per-identity DreamBooth-LoRA rows of an earlier run's JSON, after checking it was made with the same
     settings, identities and checkpoints (the machine and thread count are the user's to keep equal). ``weights``:
     this run's :data:`WEIGHT_FOLDERS` digests; the base model and the oracles are compared by them."""
-    from hyperbooth.errors import ConfigError
-
     try:
         old = json.loads(Path(path).read_text())
         settings, rows = old["settings"], old["dreambooth_lora"]["per_identity"]
@@ -203,10 +210,6 @@ def reused_curve(path: Path, args, weights: dict[str, str], identities: list[int
 
 def plot(path: Path, curve: list[dict], hyper: dict | None, floor: float) -> None:
     """Seconds (log x) vs subject fidelity: the DreamBooth-LoRA curve, the hypernetwork's point, the base floor."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from hyperbooth.files import atomic_write
-
     W, H, left, right, top, bottom = 720, 460, 70, 30, 40, 60
     im = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(im)
@@ -291,17 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG here")
     args = parser.parse_args(argv)
 
-    from hyperbooth.errors import ConfigError
-    from hyperbooth.files import atomic_write
-    from hyperbooth.methods.dreambooth_lora import FinetuneConfig
-    from hyperbooth.backbones.world import WorldBackbone
-from hyperbooth.world.base_model import SHIPPED_BASE_MODEL
-    from hyperbooth.world.contexts import Context
-    from hyperbooth.world.evaluate import reference_images
-    from hyperbooth.world.identity import make_identity
-    from hyperbooth.world.oracles import SHIPPED_ORACLES, Oracles
-    from hyperbooth.world.splits import identity_seeds
-
     if args.identities < 1 or args.k < 1 or args.max_steps < 0:
         raise ConfigError("--identities and --k must be at least 1 and --max-steps at least 0")
     if args.threads:
@@ -345,11 +337,10 @@ from hyperbooth.world.base_model import SHIPPED_BASE_MODEL
 
     hyper = None
     if not args.no_hypernet:
-        from hyperbooth.methods.e2e import E2EHyperNetwork
-        from hyperbooth.methods import SHIPPED_E2E
-
-        hypernet = E2EHyperNetwork.from_pretrained(args.hypernet or SHIPPED_E2E)
-        ms, scores = hypernet_point(hypernet, evaluate, identities, args.hypernet_guidance)
+        folder = args.hypernet or SHIPPED_E2E
+        personalizer = load(folder).eval()  # any registered method
+        personalizer.check_backbone(base, folder)
+        ms, scores = hypernet_point(personalizer, evaluate, identities, args.hypernet_guidance)
         prompt = [s["prompt_fidelity"] for s in scores if not math.isnan(s["prompt_fidelity"])]
         hyper = {"ms_per_subject": statistics.fmean(ms), "seconds": statistics.fmean(ms) / 1e3,
                  "subject_fidelity": statistics.fmean(s["subject_fidelity"] for s in scores),
@@ -400,8 +391,6 @@ from hyperbooth.world.base_model import SHIPPED_BASE_MODEL
 
 
 if __name__ == "__main__":
-    from hyperbooth.errors import HyperboothError
-
     try:
         sys.exit(main())
     except HyperboothError as e:

@@ -18,20 +18,25 @@ def test_help_lists_subcommands(capsys):
 
 
 def test_console_script_help():
-    result = subprocess.run([sys.executable, "-m", "hyperbooth.cli", "--help"], capture_output=True, text=True, check=False)
+    """`python -m hyperbooth` (what `accelerate launch -m hyperbooth` runs) and the `hyperbooth` entry point."""
+    result = subprocess.run([sys.executable, "-m", "hyperbooth", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "demo" in result.stdout
 
 
 def test_lora_inspect_and_convert(tmp_path, capsys):
     w = LoRAWeights.random({"mid.attn1.to_q": (8, 8)}, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0))
-    src = save_lora(tmp_path / "a.safetensors", w, "kohya", method="e2e")
+    made_by = {"hyperbooth.hypernet": "hypernet sha256:abc", "hyperbooth.backbone": "sd15"}
+    src = save_lora(tmp_path / "a.safetensors", w, "kohya", method="e2e", base_model="sd15-folder", extra_metadata=made_by)
     assert main(["lora", "convert", str(src), str(tmp_path / "b.safetensors"), "--format", "diffusers"]) == 0
     converted = load_lora(tmp_path / "b.safetensors")
     assert converted.format == "diffusers" and converted.metadata["hyperbooth.method"] == "e2e"
+    assert converted.metadata["hyperbooth.base_model"] == "sd15-folder"
+    assert {k: converted.metadata[k] for k in made_by} == made_by  # the provenance travels with the file
     torch.testing.assert_close(converted.unet.deltas()["mid.attn1.to_q"], w.deltas()["mid.attn1.to_q"])
     capsys.readouterr()
     assert main(["lora", "inspect", str(tmp_path / "b.safetensors")]) == 0
-    assert "diffusers layout" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "diffusers layout" in out and "hyperbooth.hypernet = hypernet sha256:abc" in out
 
 
 def test_bad_file_is_one_line_and_exit_2(tmp_path, capsys):

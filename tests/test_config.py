@@ -1,9 +1,13 @@
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from hyperbooth.config import config_from_dict, load_config, save_config, to_dict
 from hyperbooth.errors import ConfigError
+from hyperbooth.evaluation.protocol import EvalConfig
+from hyperbooth.train.base import BaseTrainConfig
+from hyperbooth.train.engine import load_train_config
 
 
 @dataclass
@@ -69,3 +73,31 @@ def test_exponent_without_dot_is_a_number(tmp_path):
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, "no/such/file.yaml")
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def _load_preset(path: Path):
+    """A shipped preset with the loader of the command it is written for (eval_*: `hyperbooth eval`, world_base:
+    `hyperbooth train-base`, the rest: `hyperbooth train`)."""
+    if path.name.startswith("eval_"):
+        return load_config(EvalConfig, path)
+    if path.name == "world_base.yaml":
+        return load_config(BaseTrainConfig, path)
+    return load_train_config(path)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = _load_preset(path)
+    assert to_dict(cfg)
+
+
+def test_the_sd15_presets_are_gpu_recipes():
+    names = {p.name for p in CONFIGS}
+    assert {"e2e_world.yaml", "e2e_sd15.yaml", "e2e_sd15_faces.yaml", "world_base.yaml"} <= names
+    for name, kind in (("e2e_sd15.yaml", "dreambench"), ("e2e_sd15_faces.yaml", "folder")):
+        cfg = load_train_config(Path(CONFIGS[0].parent / name))
+        assert cfg.mixed_precision == "bf16" and cfg.gradient_checkpointing and cfg.data.kind == kind
+        assert cfg.hypernet.encoder == "openai/clip-vit-large-patch14" and cfg.method == "e2e"

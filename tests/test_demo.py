@@ -13,7 +13,7 @@ from tests.test_generate import make_tiny_hypernet
 @pytest.fixture(scope="module")
 def tiny(tiny_world_model, tmp_path_factory):
     """The tiny base model, a tiny hypernetwork and randomly initialized oracles, as objects and as folders."""
-    from hyperbooth.methods.e2e import E2EHyperNetwork
+    from hyperbooth.methods import load
     from hyperbooth.world.oracles import ContextClassifier, IdentityEncoder, OracleTrainConfig, Oracles, save_oracles
 
     root = tmp_path_factory.mktemp("demo_assets")
@@ -22,7 +22,7 @@ def tiny(tiny_world_model, tmp_path_factory):
     torch.manual_seed(0)
     oracles = Oracles(IdentityEncoder().eval(), ContextClassifier().eval())
     save_oracles(root / "oracles", oracles.identity, oracles.context, OracleTrainConfig(), {})
-    return {"base": base, "hypernet": E2EHyperNetwork.from_pretrained(hn_dir), "oracles": oracles, "hn_dir": hn_dir, "oracles_dir": root / "oracles"}
+    return {"base": base, "hypernet": load(hn_dir), "oracles": oracles, "hn_dir": hn_dir, "oracles_dir": root / "oracles"}
 
 
 def test_run_demo_writes_grid_and_returns_table(tiny, tmp_path):
@@ -69,8 +69,9 @@ def test_demo_cli_end_to_end(tiny, tiny_world_model, tmp_path, capsys):
     assert (out / "demo_grid.png").is_file()
 
 
-@pytest.mark.parametrize(("which", "named"), [("hypernet", "hypernet_config.json"), ("oracles", "oracles.json"), ("model", "model_index.json")])
-def test_demo_missing_checkpoint_names_file_and_fix(tiny, tiny_world_model, tmp_path, capsys, which, named):
+@pytest.mark.parametrize(("which", "named"), [("hypernet", "does not exist"), ("oracles", "oracles.json"), ("model", "does not exist")])
+def test_demo_missing_checkpoint_names_folder(tiny, tiny_world_model, tmp_path, capsys, which, named):
+    """A missing folder: exit 2, one line naming the folder (and for the oracles the file and the fix), nothing written."""
     from hyperbooth.cli import main
 
     paths = {"model": str(tiny_world_model), "hypernet": str(tiny["hn_dir"]), "oracles": str(tiny["oracles_dir"])}
@@ -78,5 +79,7 @@ def test_demo_missing_checkpoint_names_file_and_fix(tiny, tiny_world_model, tmp_
     args = [f"--{k}={v}" for k, v in paths.items()]
     assert main(["demo", *args, "--out", str(tmp_path / "demo")]) == 2
     err = capsys.readouterr().err
-    assert named in err and "absent" in err and ("train" in err) and "\n" not in err.strip()
+    assert named in err and str(tmp_path / "absent") in err and "\n" not in err.strip()
+    if which == "oracles":
+        assert "train" in err
     assert not (tmp_path / "demo").exists()

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from hyperbooth.cli import main
-from hyperbooth.diffusion import diffusion_loss, training_target
-from hyperbooth.errors import ConfigError
-from hyperbooth.methods.dreambooth_lora import FinetuneConfig, finetune
-from hyperbooth.lora import LoRAInjector, apply_lora, load_lora, save_lora, target_shapes
 from hyperbooth.backbones.world import WorldBackbone
+from hyperbooth.diffusion import diffusion_loss, forward_process, training_scheduler
+from hyperbooth.errors import ConfigError, LoRAFileError
 from hyperbooth.grids import to_uint8
-from hyperbooth.world.evaluate import reference_images
+from hyperbooth.lora import LoRAInjector, apply_lora, load_lora, save_lora, target_shapes
+from hyperbooth.methods.dreambooth_lora import FinetuneConfig, finetune, init_lora
+from hyperbooth.world.fidelity import reference_images
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "time_vs_fidelity.py"
 
@@ -42,12 +42,12 @@ def _unet_output(base, weights=None):
     g = torch.Generator().manual_seed(5)
     x_t = torch.randn(2, 3, 32, 32, generator=g)
     t = torch.tensor([100, 700])
-    states, mask = base.encode(["a sks toy", "a sks toy in the snow"])
+    cond = base.encode_prompts(["a sks toy", "a sks toy in the snow"])
     with torch.no_grad():
         if weights is None:
-            return base.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+            return base.denoise(x_t, t, cond)
         with apply_lora(base.unet, weights, mode="merged"):
-            return base.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+            return base.denoise(x_t, t, cond)
 
 
 def test_three_steps_give_a_loadable_lora_that_changes_the_unet_and_leave_the_base_untouched(base, refs, tmp_path):
@@ -94,14 +94,32 @@ def _fixed_loss(base, weights, image, prompt):
     x0 = image[None].expand(16, -1, -1, -1)
     noise = torch.randn(x0.shape, generator=g)
     t = torch.linspace(20, 980, 16).long()
-    ac = base.scheduler.alphas_cumprod
-    a = ac[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    target = training_target(base.scheduler.config.prediction_type, x0, noise, ac, t)
-    states, mask = base.encode([prompt] * 16)
+    x_t, target = forward_process(training_scheduler(base.scheduler.config), x0, noise, t)
+    cond = base.encode_prompts([prompt] * 16)
     with torch.no_grad(), LoRAInjector(base.unet).apply(weights, mode="shared"):
-        pred = base.unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+        pred = base.denoise(x_t, t, cond)
     return diffusion_loss(pred, target).item()
+
+
+def test_init_starts_from_the_given_lora_and_leaves_it_unchanged(base, refs):
+    """HyperDreamBooth's fast fine-tune starts from a predicted LoRA: step 0 is that LoRA, and the caller's tensors
+    are copied, not trained in place."""
+    init = init_lora(target_shapes(base.unet), 2, torch.Generator().manual_seed(9))
+    init = init.map(lambda l: type(l)(l.A.detach(), torch.randn(l.B.shape, generator=torch.Generator().manual_seed(3)) * 0.01, l.alpha))
+    before = {n: (l.A.clone(), l.B.clone()) for n, l in init.items()}
+    seen = {}
+    weights, _ = finetune(base, refs, "toy", FinetuneConfig(steps=2, rank=4), callback=lambda s, w: seen.__setitem__(s, w), init=init)
+    assert all(torch.equal(seen[0][n].A, init[n].A) and torch.equal(seen[0][n].B, init[n].B) for n in init)  # step 0 = init
+    assert all(torch.equal(l.A, before[n][0]) and torch.equal(l.B, before[n][1]) for n, l in init.items())  # init untouched
+    assert all(not l.A.requires_grad and not l.B.requires_grad for l in init.values())
+    assert all(layer.rank == 2 for layer in weights.values())  # init's rank, not cfg.rank
+    assert any(not torch.equal(weights[n].B, init[n].B) for n in init)  # and it trained from there
+    with pytest.raises(ConfigError, match="one subject"):
+        finetune(base, refs, "toy", FinetuneConfig(steps=1), init=init_lora(target_shapes(base.unet), 2, torch.Generator()).map(
+            lambda l: type(l)(l.A.detach().repeat(2, 1, 1), l.B.detach().repeat(2, 1, 1), l.alpha)))
+    foreign = init_lora({"no.such.module": (4, 4)}, 2, torch.Generator())
+    with pytest.raises(LoRAFileError, match="no.such.module"):
+        finetune(base, refs, "toy", FinetuneConfig(steps=1), init=foreign)
 
 
 def test_loss_decreases_on_one_image(base, refs):

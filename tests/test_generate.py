@@ -63,7 +63,8 @@ def test_one_call_branches_equal_separate_calls(base):
     w = _lora(base, 2)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500, 500])
-    states, mask = base.encode(["", "", "a sks toy", "a sks ball", "a sks toy", "a sks ball"])
+    cond = base.encode_prompts(["", "", "a sks toy", "a sks ball", "a sks toy", "a sks ball"])
+    states, mask = cond.states, cond.mask
     unet = base.unet
     with apply_lora(unet, w, rows=[-1, -1, -1, -1, 0, 1]):
         one_call = unet(x.repeat(3, 1, 1, 1), t.repeat(3), encoder_hidden_states=states, encoder_attention_mask=mask).sample
@@ -129,7 +130,7 @@ def test_unet_dtype_is_followed(base):
 
 
 def test_parse_mix_and_exact_interpolation(base, tmp_path):
-    from hyperbooth.generate import mix_loras, parse_mix
+    from hyperbooth.personalize import mix_loras, parse_mix
     from hyperbooth.lora import save_lora
 
     assert parse_mix(["a.safetensors:0.5", "C:/x/b.safetensors:-1"]) == [(Path("a.safetensors"), 0.5), (Path("C:/x/b.safetensors"), -1.0)]
@@ -139,13 +140,15 @@ def test_parse_mix_and_exact_interpolation(base, tmp_path):
     a, b = _lora(base, 1), LoRAWeights.random(target_shapes(base.unet), rank=2, std=0.3, generator=torch.Generator().manual_seed(9))
     fa = save_lora(tmp_path / "a.safetensors", a, "kohya", models={"unet": base.unet})
     fb = save_lora(tmp_path / "b.safetensors", b, "diffusers", models={"unet": base.unet})
-    mixed = mix_loras([(fa, 0.25), (fb, 0.75)], base.unet).deltas()
+    mixed = mix_loras([(fa, 0.25), (fb, 0.75)], base.unet)
+    assert list(mixed) == ["unet"]
+    mixed = mixed["unet"].deltas()
     for name, delta in a.deltas().items():
         torch.testing.assert_close(mixed[name], 0.25 * delta + 0.75 * b.deltas()[name], rtol=1e-5, atol=1e-6)
 
 
 def test_captioned_grid_layout():
-    from hyperbooth.generate import captioned_grid
+    from hyperbooth.grids import captioned_grid
 
     cell = np.zeros((8, 8, 3), np.uint8)
     cell[:, :, 0] = 200
@@ -179,7 +182,7 @@ def assets(base, tmp_path_factory):
 
     from hyperbooth.lora import save_lora
     from hyperbooth.grids import to_uint8
-    from hyperbooth.world.evaluate import reference_images
+    from hyperbooth.world.fidelity import reference_images
 
     root = tmp_path_factory.mktemp("generate_assets")
     refs = []
@@ -202,7 +205,7 @@ def _cli(tiny_world_model, *extra):
 def test_cli_images_to_folder_matches_generate(tiny_world_model, base, assets, tmp_path, capsys):
     from PIL import Image
 
-    from hyperbooth.generate import load_hypernet, personalize_refs
+    from hyperbooth.personalize import load_personalizer, personalize
     from hyperbooth.images import load_image
     from hyperbooth.grids import to_uint8
 
@@ -215,7 +218,7 @@ def test_cli_images_to_folder_matches_generate(tiny_world_model, base, assets, t
     grid = Image.open(out / "grid.png")
     assert grid.size[0] == 4 + 2 * (128 + 4) and grid.size[1] > 4 + 2 * (128 + 4)  # 2 seeds x 2 prompts + captions
     refs = torch.stack([load_image(f, size=32) for f in assets["refs"]])
-    weights, _ = personalize_refs(load_hypernet(assets["hypernet"]), base, refs[None])
+    weights, _ = personalize(refs, load_personalizer(assets["hypernet"]), base)
     expected = to_uint8(generate(base, prompts, weights, steps=2, seed=5))
     got = np.asarray(Image.open(out / "01_a-red-sks-toy_seed5.png"))
     assert np.abs(got.astype(int) - expected[1]).max() <= 1  # same seed, same image

@@ -1,10 +1,11 @@
 """`hyperbooth demo`: the quick start's main job, on the shipped DreamBench-World models (CPU, a few minutes).
 
-Four held-out identities are personalized by the shipped e2e hypernetwork from 1 and from 3 reference images, then
-generated under six DreamBench-World prompts (backgrounds, a recolour, the red hat) with CFG and with HM-CFG. It
-writes one captioned grid (rows: identity × references × guidance, the references first; columns: prompts) and
-prints, per (references, guidance), the oracles' subject and prompt fidelity beside the base model's floor, the
-hypernetwork's time per subject and the sampling time per image. A short extra checks that the LoRA files load in
+Four held-out identities are personalized through the Personalizer interface (any registered method; default the
+shipped e2e hypernetwork) from 1 and from 3 reference images, then generated under six DreamBench-World prompts
+(backgrounds, a recolour, the red hat) with CFG and with HM-CFG. It writes one captioned grid (rows: identity ×
+references × guidance, the references first; columns: prompts) and prints, per (references, guidance), the oracles'
+subject and prompt fidelity (:mod:`hyperbooth.world.fidelity`, the world table's code path) beside the base model's
+floor, the time per subject and the sampling time per image. A short extra checks that the LoRA files load in
 diffusers (tiny SD-1.5 pipeline, random weights).
 """
 
@@ -23,10 +24,14 @@ import torch
 from hyperbooth.generate import generate
 from hyperbooth.grids import captioned_grid, save_png, to_uint8
 from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_W_BASE, DEFAULT_W_PERS
+from hyperbooth.lora import DEFAULT_UNET_TARGETS, apply_lora, load_lora, save_lora, target_shapes
 from hyperbooth.lora.weights import LoRAWeights, stack
 from hyperbooth.personalize import personalize
 from hyperbooth.sampling import DEFAULT_STEPS
 from hyperbooth.world import contexts as ctx
+from hyperbooth.world.fidelity import nanmean, prompt_fidelity, reference_images, subject_fidelity
+from hyperbooth.world.identity import identity_class
+from hyperbooth.world.splits import identity_seeds
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +66,6 @@ def context_title(context: ctx.Context) -> str:
     return " ".join(w for w in words if w)
 
 
-def _nanmean(x: torch.Tensor) -> float:
-    x = x[~torch.isnan(x)]
-    return float(x.mean()) if x.numel() else float("nan")
-
-
 @torch.no_grad()
 def run_demo(
     base,
@@ -83,10 +83,6 @@ def run_demo(
     (identity, prompt) with CFG and HM-CFG (one :func:`generate` call of ``identities · len(contexts)`` rows each),
     judge with the oracles, and write the captioned grid to ``out / GRID_NAME``. Returns (table rows, grid path).
     """
-    from hyperbooth.world.evaluate import prompt_fidelity, reference_images, subject_fidelity
-    from hyperbooth.world.identity import identity_class
-    from hyperbooth.world.splits import identity_seeds
-
     seeds = list(identity_seeds("test", identities))
     classes = [identity_class(s) for s in seeds]
     # batch rows, identity-major: row i·P + j = identity i under context j
@@ -128,7 +124,7 @@ def run_demo(
     for key, sf, pf in zip(keys, sf_all, pf_all):
         k, guidance = key
         results[key] = (runs[key][0], sf, pf)
-        table.append(DemoRow(k, guidance, float(sf.mean()), _nanmean(pf), times.get(k, float("nan")), runs[key][1]))
+        table.append(DemoRow(k, guidance, float(sf.mean()), nanmean(pf), times.get(k, float("nan")), runs[key][1]))
         log.info("%d reference(s), %s: subject %.3f, prompt %.3f", k, guidance, table[-1].subject_fidelity, table[-1].prompt_fidelity)
 
     # grid: rows identity × refs × guidance; the reference images first, then one column per prompt
@@ -168,9 +164,9 @@ def format_table(rows: list[DemoRow]) -> str:
 def interop_check(out: Path, seed: int) -> list[tuple[str, str]]:
     """Export a random LoRA for a tiny SD-1.5 pipeline in both layouts and load it with diffusers'
     ``load_lora_weights``: the UNet's output must match hyperbooth's own injection."""
+    # heavy (diffusers' SD pipeline stack, transformers' CLIP), needed by this optional check only
     from diffusers import StableDiffusionPipeline
 
-    from hyperbooth.lora import DEFAULT_UNET_TARGETS, apply_lora, load_lora, save_lora, target_shapes
     from hyperbooth.tiny import tiny_sd_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,6 @@ from hyperbooth.guidance import (
     DEFAULT_PERS_INTERVAL,
     DEFAULT_W_BASE,
     DEFAULT_W_PERS,
-    GUIDANCE,
     cfg,
     check_interval,
     hm_cfg,
@@ -95,6 +94,8 @@ def generate(
         if w.num_subjects not in (1, n) or w.num_subjects != k:
             raise ConfigError(f"{n} prompts but the {comp} LoRA holds {w.num_subjects} subjects (give one subject or one per prompt, the same for every component)")
     unet_lora, text_lora = parts.get("unet"), parts.get("text_encoder")
+    if text_lora is not None and lora_scale != 1.0:  # the UNet's is scaled by its injector
+        text_lora = text_lora.scaled(lora_scale)
     if not parts:
         branches, rows, mode = 2, None, None
     elif guidance == "cfg":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from hyperbooth.errors import ImageLoadError
 
@@ -23,8 +24,6 @@ def load_image(path: str | os.PathLike, size: int | None = None, min_size: int =
     ``size``: centre-crop to a square and resize to ``size`` x ``size`` (antialiased). ``min_size``: the smallest
     side accepted.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"{path}: no such image file")

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from hyperbooth.backbones.base import Backbone
 from hyperbooth.errors import ConfigError, LoRAFileError
@@ -27,9 +28,14 @@ from hyperbooth.lora.weights import LoRAWeights, combine
 from hyperbooth.methods import SHIPPED_E2E, Personalizer, load
 
 
+def personalizer_folder(folder: str | os.PathLike | None = None) -> Path:
+    """``folder``, or the shipped e2e hypernetwork's when it is None."""
+    return Path(folder) if folder is not None else SHIPPED_E2E
+
+
 def load_personalizer(folder: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Personalizer:
     """The personalizer saved in ``folder`` (any registered method; default: the shipped e2e hypernetwork)."""
-    return load(folder if folder is not None else SHIPPED_E2E).to(device)
+    return load(personalizer_folder(folder)).to(device)
 
 
 def load_references(paths: Sequence[str | os.PathLike], resolution: int) -> torch.Tensor:
@@ -79,11 +85,20 @@ def parse_mix(specs: Sequence[str]) -> list[tuple[Path, float]]:
     return out
 
 
-def mix_loras(files: Sequence[tuple[Path, float]], unet) -> LoRAWeights:
-    """``Σ_i w_i · ΔW_i`` of LoRA files, exact in ΔW space (:func:`~hyperbooth.lora.weights.combine`)."""
-    loras = [load_lora(path, unet).unet for path, _ in files]
-    for (path, _), lora in zip(files[1:], loras[1:]):
-        if set(lora) != set(loras[0]):
-            odd = sorted(set(lora) ^ set(loras[0]))[0]
-            raise LoRAFileError(f"{path} and {files[0][0]} target different modules (first difference: {odd!r}); they cannot be mixed")
-    return combine(loras, [w for _, w in files])
+def mix_loras(files: Sequence[tuple[Path, float]], models: Mapping[str, nn.Module] | nn.Module) -> dict[str, LoRAWeights]:
+    """``Σ_i w_i · ΔW_i`` of LoRA files, per component, exact in ΔW space (:func:`~hyperbooth.lora.weights.combine`).
+
+    ``models``: the backbone's components (or its UNet), which every file is checked against. The files must hold
+    the same components (a text-encoder LoRA in one and not another is refused, not dropped) and target the same
+    modules. Returns component → the mixed LoRA."""
+    loaded = [load_lora(path, models).components for path, _ in files]
+    first_path, first = files[0][0], loaded[0]
+    for (path, _), comps in zip(files[1:], loaded[1:]):
+        if set(comps) != set(first):
+            raise LoRAFileError(f"{path} holds components {sorted(comps)} but {first_path} holds {sorted(first)}; they cannot be mixed")
+        for comp, lora in comps.items():
+            if set(lora) != set(first[comp]):
+                odd = sorted(set(lora) ^ set(first[comp]))[0]
+                raise LoRAFileError(f"{path} and {first_path} target different {comp} modules (first difference: {odd!r}); they cannot be mixed")
+    weights = [w for _, w in files]
+    return {comp: combine([comps[comp] for comps in loaded], weights) for comp in first}

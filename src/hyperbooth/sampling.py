@@ -6,9 +6,12 @@ the caller passes, so every guidance rule shares the same loop.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
+import diffusers
 import torch
+from tqdm.auto import tqdm
 
 from hyperbooth.errors import ConfigError
 
@@ -31,8 +34,6 @@ SCHEDULERS = {
 
 def make_scheduler(name: str, base_scheduler):
     """A scheduler of kind ``name`` with the training noise schedule of ``base_scheduler`` (its config)."""
-    import diffusers
-
     if name not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls = getattr(diffusers, SCHEDULERS[name])
@@ -64,8 +65,6 @@ def denoise(
     step_kwargs = {"generator": generator} if "generator" in _step_params(scheduler) else {}
     timesteps = scheduler.timesteps
     if progress:
-        from tqdm.auto import tqdm
-
         timesteps = tqdm(timesteps, desc="sampling", leave=False)
     for i, t in enumerate(timesteps):
         x_in = scheduler.scale_model_input(x, t)
@@ -77,6 +76,4 @@ def denoise(
 
 
 def _step_params(scheduler) -> set[str]:
-    import inspect
-
     return set(inspect.signature(scheduler.step).parameters)

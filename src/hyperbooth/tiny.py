@@ -1,4 +1,5 @@
-"""The real architectures (SD 1.5's UNet, VAE, CLIP text encoder) built small from configs, with random weights.
+"""The real architectures (SD 1.5's UNet, VAE, CLIP text encoder; a CLIP vision encoder) built small from configs,
+with random weights.
 
 No pretrained weights can be downloaded here, so tests, benchmarks and the offline demo exercise the same classes
 and the same loading calls (``save_pretrained`` / ``from_pretrained``) on models built from these configs.
@@ -12,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModel
 
 #: The UNet2DConditionModel config of Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5, unet/config.json).
 SD15_UNET_CONFIG: dict = {
@@ -61,21 +64,32 @@ TINY_TEXT_CONFIG: dict = {
     "num_attention_heads": 4,
     "max_position_embeddings": 77,
     "projection_dim": 32,
+    # the ids of the tiny tokenizer's <|startoftext|> / <|endoftext|> (CLIP pads with <|endoftext|>)
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 1,
+}
+
+#: A tiny CLIP vision tower (transformers' CLIPVisionModel, the encoder family of SD-scale hypernetworks).
+TINY_VISION_CONFIG: dict = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 32,
 }
 
 
 def tiny_unet(seed: int = 0, **overrides):
     """A tiny ``UNet2DConditionModel`` (SD 1.5 block types), seeded, in eval mode."""
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(seed)
     return UNet2DConditionModel(**{**TINY_UNET_CONFIG, **overrides}).eval()
 
 
 def _write_tiny_clip_tokenizer(folder: Path):
     """A CLIP BPE tokenizer over single letters (no merges): enough to tokenize any lowercase prompt."""
-    from transformers import CLIPTokenizer
-
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for ch in "abcdefghijklmnopqrstuvwxyz0123456789!,.-":
         vocab[ch] = len(vocab)
@@ -91,9 +105,6 @@ def tiny_sd_pipeline(folder: str | os.PathLike, seed: int = 0):
 
     Returns the folder, which ``StableDiffusionPipeline.from_pretrained(folder)`` loads like a real SD 1.5 folder.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     folder = Path(folder)
     torch.manual_seed(seed)
     unet = tiny_unet(seed=seed)
@@ -113,4 +124,16 @@ def tiny_sd_pipeline(folder: str | os.PathLike, seed: int = 0):
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)
+    return folder
+
+
+def tiny_clip_vision_encoder(folder: str | os.PathLike, seed: int = 0):
+    """Build a tiny ``CLIPVisionModel`` and ``save_pretrained`` it to ``folder`` with a ``CLIPImageProcessor`` beside
+    it (CLIP's normalization, 32x32 input), the layout of a real image-encoder folder such as
+    openai/clip-vit-large-patch14. Returns the folder: ``E2EConfig(encoder=str(folder))`` loads it."""
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    side = TINY_VISION_CONFIG["image_size"]
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION_CONFIG)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(folder)
     return folder

@@ -125,7 +125,7 @@ def test_face_metric_on_a_real_photo_without_a_human_face():
 
 def test_oracle_metrics_wrap_the_world_functions(random_oracles):
     from hyperbooth.world import contexts as ctx
-    from hyperbooth.world.evaluate import prompt_fidelity, reference_images, subject_fidelity
+    from hyperbooth.world.fidelity import prompt_fidelity, reference_images, subject_fidelity
     from hyperbooth.world.identity import identity_class
     from hyperbooth.world.oracles import Oracles
 

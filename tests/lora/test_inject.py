@@ -136,8 +136,10 @@ def test_gradients_with_rows_without_lora_equal_those_of_separate_runs(unet, row
 
     batched, separate = grads(True), grads(False)
     for name, (ga, gb) in separate.items():
-        torch.testing.assert_close(batched[name][0], ga, rtol=1e-3, atol=1e-5)
-        torch.testing.assert_close(batched[name][1], gb, rtol=1e-3, atol=1e-5)
+        # float32 sums in another order (one batch vs. per-row runs; the kernels' split depends on the thread count):
+        # an absolute error of 1e-4 of the gradient's own scale, far below what a wrong row would give
+        torch.testing.assert_close(batched[name][0], ga, rtol=1e-3, atol=1e-4 * float(ga.abs().max()) + 1e-8)
+        torch.testing.assert_close(batched[name][1], gb, rtol=1e-3, atol=1e-4 * float(gb.abs().max()) + 1e-8)
     assert all(gb.abs().sum() > 0 for _, gb in separate.values())
 
 

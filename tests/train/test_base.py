@@ -1,12 +1,15 @@
 import csv
+import shutil
 
 import pytest
 import torch
 
+from hyperbooth.backbones.world import WorldBackbone
 from hyperbooth.config import load_config
 from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.generate import generate
 from hyperbooth.train.base import BaseTrainConfig, train_base
-from hyperbooth.backbones.world import WorldBackbone
+from hyperbooth.train.state import load_state
 
 TINY = [
     "unet={block_out_channels: [16, 32, 32], layers_per_block: 1, norm_num_groups: 8, attention_head_dim: 2, addition_embed_type_num_heads: 2}",
@@ -32,15 +35,16 @@ def test_tiny_run_exports_a_loadable_model_and_resumes_exactly(tmp_path):
     folder = train_base(_cfg(full, "optim.max_steps=3"))
     assert (full / "config.yaml").is_file() and (full / "checkpoints" / "latest").is_file()
     model = WorldBackbone.from_pretrained(folder)
-    images = model.generate(["a toy in the snow", "a red ball"], steps=2, guidance_scale=2.0)
+    images = generate(model, ["a toy in the snow", "a red ball"], steps=2, guidance_scale=2.0)
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    state = load_state(full / "checkpoints" / "step-0000003" / "state.pt")  # weights_only: the EMA state included
+    assert state["ema"]["optimization_step"] == 3 and len(state["ema"]["shadow_params"]) == len(list(model.unet.parameters()))
 
+    # interrupt after step 2: the run's own step-2 checkpoint, as a crash after it would leave it; then resume
     part = tmp_path / "part"
-    train_base(_cfg(part, "optim.max_steps=3", "checkpoint_every=2"))  # same run, to have the step-2 checkpoint
-    # interrupt after step 2: drop the step-3 checkpoint and point "latest" at step 2, then resume
-    import shutil
-
+    shutil.copytree(full, part)
     shutil.rmtree(part / "checkpoints" / "step-0000003")
+    shutil.rmtree(part / "model")
     (part / "checkpoints" / "latest").write_text("step-0000002")
     train_base(_cfg(part, "optim.max_steps=3"), resume=True)
     assert _losses(part)[3] == pytest.approx(_losses(full)[3], rel=0, abs=0)

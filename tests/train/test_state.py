@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 
 from hyperbooth.errors import CheckpointError
-from hyperbooth.train.ema import EMA
-from hyperbooth.train.state import latest_checkpoint, load_state, save_state, warmup_cosine, write_checkpoint
+from hyperbooth.train.ema import build_ema, load_ema
+from hyperbooth.train.optim import OptimConfig, build_optimizer, cosine_schedule, warmup_cosine
+from hyperbooth.train.state import latest_checkpoint, load_state, save_state, write_checkpoint
 
 
 def test_warmup_cosine_shape():
@@ -11,7 +14,29 @@ def test_warmup_cosine_shape():
     assert warmup_cosine(9, 10, 100) == pytest.approx(1.0)
     assert warmup_cosine(10, 10, 100) == pytest.approx(1.0)
     assert warmup_cosine(100, 10, 100, min_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(500, 10, 100, min_ratio=0.1) == pytest.approx(0.1)  # the floor holds past the end
     assert warmup_cosine(55, 10, 100, min_ratio=0.0) == pytest.approx(0.5)
+
+
+def test_plain_cosine_is_the_oracles_schedule_bit_for_bit():
+    """warmup 0, floor 0: exactly the cosine the oracle and encoder pre-training were trained with."""
+    for steps in (7, 600, 2000):
+        for s in range(steps + 3):
+            assert warmup_cosine(s, 0, steps, 0.0) == 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+
+def test_schedule_drives_the_optimizers_lr():
+    model = torch.nn.Linear(2, 2)
+    optimizer, schedule = build_optimizer(model.parameters(), OptimConfig(lr=1.0, warmup_steps=2, max_steps=6, min_lr_ratio=0.1))
+    lrs = []
+    for _ in range(7):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:3] == pytest.approx([0.5, 1.0, 1.0]) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # decays after the warm-up
+    plain = cosine_schedule(torch.optim.SGD(model.parameters(), lr=2.0), warmup=0, total=4, min_ratio=0.0)
+    assert plain.get_last_lr() == [2.0]
 
 
 def test_checkpoints_are_atomic_and_pruned(tmp_path):
@@ -41,16 +66,32 @@ def test_state_refuses_pickled_code(tmp_path):
         load_state(tmp_path / "state.pt")
 
 
-def test_ema_tracks_and_restores():
+def test_ema_tracks_restores_and_resumes_exactly_from_a_weights_only_state(tmp_path):
+    assert build_ema(torch.nn.Linear(2, 2).parameters(), 0.0) is None  # decay 0: no EMA
+    torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)
-    ema = EMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    ema = build_ema(model.parameters(), decay=0.5)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    for _ in range(50):
-        ema.update(model)
+    ema.step(model.parameters())  # the first update copies (diffusers' warm-up: d_1 = 0)
+    torch.testing.assert_close(ema.shadow_params[0], torch.ones(2, 2))
+    assert not torch.equal(start, torch.ones(2, 2))
+
+    def run(ema, first, last):
+        for k in range(first, last):
+            with torch.no_grad():
+                model.weight.fill_(float(k))
+            ema.step(model.parameters())
+
+    run(ema, 2, 5)
+    save_state(tmp_path / "state.pt", {"ema": ema.state_dict()})  # read back with weights_only=True
+    resumed = build_ema(model.parameters(), decay=0.5)
+    load_ema(resumed, load_state(tmp_path / "state.pt")["ema"], "cpu")
+    run(ema, 5, 9)
+    run(resumed, 5, 9)
+    assert resumed.optimization_step == ema.optimization_step == 8
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow_params, resumed.shadow_params))
     target = torch.nn.Linear(2, 2)
-    ema.copy_to(target)
-    torch.testing.assert_close(target.weight, torch.ones(2, 2), rtol=1e-4, atol=1e-4)
-    other = EMA(model, decay=0.9)
-    other.load_state_dict(ema.state_dict())
-    assert other.num_updates == 50
+    ema.copy_to(target.parameters())
+    assert 5.0 < target.weight[0, 0].item() < 8.0  # an average of the recent values, behind the last one

@@ -10,7 +10,13 @@ from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.lora import target_shapes
 from hyperbooth.methods.e2e import E2EConfig, E2EHyperNetwork
 from hyperbooth.world import contexts as ctx
-from hyperbooth.world import evaluate as ev
+from hyperbooth.world.comparison import compare_hm_cfg
+from hyperbooth.world.contexts import CONTEXT_TYPES
+from hyperbooth.world.fidelity import reference_images
+from hyperbooth.world.merge import merge_results
+from hyperbooth.world.personalization import evaluate_personalization, generate_row, load_personalizers, multi_reference_variants
+from hyperbooth.world.protocol import RowSpec, hm_cfg_pairs, personalization_items, personalization_rows
+from hyperbooth.world.report import comparison_table, personalization_table, plot_fidelity
 from hyperbooth.backbones.world import WorldBackbone
 from hyperbooth.world.oracles import ContextClassifier, IdentityEncoder, OracleTrainConfig, Oracles, save_oracles
 from hyperbooth.world.splits import identity_seeds
@@ -45,70 +51,70 @@ def oracles(oracles_dir):
 
 def test_items_cover_every_context_type_deterministically():
     seeds = list(identity_seeds("test", 4))
-    items = ev.personalization_items(seeds, 6)
-    assert items == ev.personalization_items(seeds, 6) and len(items) == 24
+    items = personalization_items(seeds, 6)
+    assert items == personalization_items(seeds, 6) and len(items) == 24
     assert {it.context.background for it in items} == {None, *ctx.BACKGROUNDS}
     assert {it.context.recolor for it in items} == {None, *ctx.RECOLOR_WORDS}
     assert {it.context.accessory for it in items} == {None, *ctx.ACCESSORY_PHRASES}
     for i, seed in enumerate(seeds):
         own = items[6 * i : 6 * i + 6]
         assert {it.identity_seed for it in own} == {seed} and {it.subject for it in own} == {i}
-        assert {t for it in own for t in it.types} == set(ev.CONTEXT_TYPES)
+        assert {t for it in own for t in it.types} == set(CONTEXT_TYPES)
         assert {it.context.recolor for it in own} == {None, "red", "purple"}  # each identity shown red and purple
         assert any(len(it.types) > 1 for it in own)  # combos
     it = items[4]  # recolour + background
     assert it.prompt("sks").startswith(f"a {it.context.recolor} sks {it.class_name}") and "sks" not in it.prompt(None)
     with pytest.raises(ConfigError, match="prompts_per_identity=0"):
-        ev.personalization_items(seeds, 0)
+        personalization_items(seeds, 0)
 
 
 def test_rows_and_weight_pairs():
-    assert ev.hm_cfg_pairs([1, 2], [0.5, 1], sweep=True) == [(1, 0.5), (1, 1), (2, 0.5), (2, 1)]
-    assert ev.hm_cfg_pairs([1, 2], [0.5, 1]) == [(1, 0.5), (2, 1)]
-    assert ev.hm_cfg_pairs([3], [0, 1]) == [(3, 0), (3, 1)]
-    rows = ev.personalization_rows(["e2e", "λ=0"], refs=[1, 3], guidance_scales=[2, 3], hm_pairs=[(3, 1)])
+    assert hm_cfg_pairs([1, 2], [0.5, 1], sweep=True) == [(1, 0.5), (1, 1), (2, 0.5), (2, 1)]
+    assert hm_cfg_pairs([1, 2], [0.5, 1]) == [(1, 0.5), (2, 1)]
+    assert hm_cfg_pairs([3], [0, 1]) == [(3, 0), (3, 1)]
+    rows = personalization_rows(["e2e", "λ=0"], refs=[1, 3], guidance_scales=[2, 3], hm_pairs=[(3, 1)])
     labels = [r.label for r in rows]
     assert labels[:2] == ["floor cfg g=2", "floor cfg g=3"]
     assert labels[2:5] == ["e2e cfg g=2", "e2e cfg g=3", "e2e hm-cfg w_base=3 w_pers=1"]
     assert "λ=0 k=3 hm-cfg w_base=3 w_pers=1" in labels and len(rows) == 2 + 2 * 2 * 3
     assert rows[0].token is None and rows[2].token == ctx.RARE_TOKEN
-    assert ev.RowSpec("hm-cfg", "e2e", class_prompt=True).token is None
+    assert RowSpec("hm-cfg", "e2e", class_prompt=True).token is None
     for bad, match in (([1, "x"], "'x'"), ([1, float("nan")], "nan"), ([-1], "-1"), ([], "at least one")):
         with pytest.raises(ConfigError, match=match):
-            ev.hm_cfg_pairs(bad, [1.0])
+            hm_cfg_pairs(bad, [1.0])
     with pytest.raises(ConfigError, match="differ in length"):
-        ev.hm_cfg_pairs([1, 2], [1, 2, 3])
+        hm_cfg_pairs([1, 2], [1, 2, 3])
     with pytest.raises(ConfigError, match="'cfg' row needs"):
-        ev.RowSpec("cfg")
+        RowSpec("cfg")
     with pytest.raises(ConfigError, match="'pag'"):
-        ev.RowSpec("pag")
+        RowSpec("pag")
     with pytest.raises(ConfigError, match="refs=0"):
-        ev.RowSpec("cfg", "e2e", refs=0)
-    timed = ev.personalization_rows(["e2e"], guidance_scales=[3], hm_pairs=[(2, 2)], pers_intervals=[(0, 1), (0.5, 1)])
+        RowSpec("cfg", "e2e", refs=0)
+    timed = personalization_rows(["e2e"], guidance_scales=[3], hm_pairs=[(2, 2)], pers_intervals=[(0, 1), (0.5, 1)])
     assert [r.label for r in timed][2:] == ["e2e hm-cfg w_base=2 w_pers=2", "e2e hm-cfg w_base=2 w_pers=2 t/T in [0.5,1]"]
     with pytest.raises(ConfigError, match="pers_interval"):
-        ev.RowSpec("hm-cfg", "e2e", pers_interval=(1.0, 0.5))
+        RowSpec("hm-cfg", "e2e", pers_interval=(1.0, 0.5))
 
 
 def test_hm_cfg_with_w_pers_zero_is_the_floor(base, hypernet_dir):
     hypernet = E2EHyperNetwork.from_pretrained(hypernet_dir)
     seeds = list(identity_seeds("test", 2))
-    items = ev.personalization_items(seeds, 2)
-    refs = torch.stack([ev.reference_images(s, 1) for s in seeds])
+    items = personalization_items(seeds, 2)
+    refs = torch.stack([reference_images(s, 1) for s in seeds])
     weights = hypernet(refs)
     kw = dict(steps=2, batch_size=3)  # 4 items in chunks of 3 and 1
-    floor = ev.generate_row(base, ev.RowSpec("floor", guidance_scale=3.0), items, None, **kw)
-    hm0 = ev.generate_row(base, ev.RowSpec("hm-cfg", "e2e", w_base=3.0, w_pers=0.0, class_prompt=True), items, weights, **kw)
+    floor = generate_row(base, RowSpec("floor", guidance_scale=3.0), items, None, **kw)
+    hm0 = generate_row(base, RowSpec("hm-cfg", "e2e", w_base=3.0, w_pers=0.0, class_prompt=True), items, weights, **kw)
     assert floor.shape == (4, 3, 32, 32)
     torch.testing.assert_close(hm0, floor, rtol=1e-4, atol=1e-5)
-    cfg = ev.generate_row(base, ev.RowSpec("cfg", "e2e", guidance_scale=3.0, class_prompt=True), items, weights, **kw)
+    cfg = generate_row(base, RowSpec("cfg", "e2e", guidance_scale=3.0, class_prompt=True), items, weights, **kw)
     assert (cfg - floor).abs().max() > 1e-3  # the predicted LoRA changes the images
 
 
 def test_evaluate_personalization_table(base, oracles, hypernet_dir):
-    hypernets = ev.load_hypernetworks([hypernet_dir], base=base)
-    rows = ev.personalization_rows(list(hypernets), refs=[2], guidance_scales=[3.0], hm_pairs=[(3.0, 1.0)])
-    result = ev.evaluate_personalization(base, oracles, hypernets, rows, num_identities=2, prompts_per_identity=3, steps=2)
+    hypernets = load_personalizers([hypernet_dir], base=base)
+    rows = personalization_rows(list(hypernets), refs=[2], guidance_scales=[3.0], hm_pairs=[(3.0, 1.0)])
+    result = evaluate_personalization(base, oracles, hypernets, rows, num_identities=2, prompts_per_identity=3, steps=2)
     labels = [r["label"] for r in result["rows"]]
     assert labels == ["references (renders, k=2)", "floor cfg g=3", "e2e k=2 cfg g=3", "e2e k=2 hm-cfg w_base=3 w_pers=1"]
     for row in result["rows"]:
@@ -122,31 +128,31 @@ def test_evaluate_personalization_table(base, oracles, hypernet_dir):
         assert math.isfinite(row["hypernet_ms_per_subject"]) == (row["kind"] != "floor")
     [comparison] = result["comparison"]
     assert comparison["hm_cfg"] == "e2e k=2 hm-cfg w_base=3 w_pers=1" and comparison["cfg"] == "e2e k=2 cfg g=3"
-    table = ev.personalization_table(result)
+    table = personalization_table(result)
     assert all(f"| {label} |" in table for label in labels) and "nan" not in table
-    again = ev.evaluate_personalization(base, oracles, hypernets, rows[:1], num_identities=2, prompts_per_identity=3, steps=2)
+    again = evaluate_personalization(base, oracles, hypernets, rows[:1], num_identities=2, prompts_per_identity=3, steps=2)
     assert again["rows"][1]["subject"] == result["rows"][1]["subject"]  # seeded
 
 
 def test_evaluate_personalization_bad_input(base, oracles, hypernet_dir, tmp_path):
-    hypernets = ev.load_hypernetworks([hypernet_dir])
+    hypernets = load_personalizers([hypernet_dir])
     with pytest.raises(ConfigError, match="num_identities=0"):
-        ev.evaluate_personalization(base, oracles, hypernets, num_identities=0)
+        evaluate_personalization(base, oracles, hypernets, num_identities=0)
     with pytest.raises(ConfigError, match="'other'"):
-        ev.evaluate_personalization(base, oracles, hypernets, [ev.RowSpec("cfg", "other")], num_identities=1)
+        evaluate_personalization(base, oracles, hypernets, [RowSpec("cfg", "other")], num_identities=1)
     with pytest.raises(ConfigError, match="'euler_x'"):
-        ev.evaluate_personalization(base, oracles, hypernets, scheduler="euler_x", num_identities=1)
+        evaluate_personalization(base, oracles, hypernets, scheduler="euler_x", num_identities=1)
     with pytest.raises(CheckpointError, match="nowhere"):
-        ev.load_hypernetworks([tmp_path / "nowhere"])
+        load_personalizers([tmp_path / "nowhere"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty"):
-        ev.load_hypernetworks([tmp_path / "empty"])
+        load_personalizers([tmp_path / "empty"])
     with pytest.raises(ConfigError, match="distinct"):
-        ev.load_hypernetworks([hypernet_dir, hypernet_dir], ["a", "a"])
+        load_personalizers([hypernet_dir, hypernet_dir], ["a", "a"])
     other = E2EHyperNetwork(E2EConfig(d_model=32, layers=1, heads=2), {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (8, 8)})
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(CheckpointError, match="other"):
-        ev.load_hypernetworks([tmp_path / "other"], base=base)
+        load_personalizers([tmp_path / "other"], base=base)
 
 
 def _row(kind, label, subject, prompt, recolor, hypernet="e2e", refs=1, g=3.0, w=(3.0, 1.0)):
@@ -168,7 +174,7 @@ def test_compare_hm_cfg_on_hand_made_rows(tmp_path):
         _row("hm-cfg", "hm d", 0.50, 0.90, 0.90, hypernet="other"),  # no CFG row of its hypernet
         _row("hm-cfg", "hm e", 0.50, 0.90, 0.90, refs=3),  # nor of its reference count
     ]
-    out = {c["hm_cfg"]: c for c in ev.compare_hm_cfg(rows, tolerance=0.02)}
+    out = {c["hm_cfg"]: c for c in compare_hm_cfg(rows, tolerance=0.02)}
     assert list(out) == ["hm a", "hm b", "hm c", "hm d", "hm e"]
     a = out["hm a"]
     assert a["cfg"] == "e2e cfg g=4" and a["matched"] and a["better"]
@@ -177,16 +183,16 @@ def test_compare_hm_cfg_on_hand_made_rows(tmp_path):
     assert out["hm b"]["prompt_gain"] == pytest.approx(-0.05)
     assert out["hm c"]["cfg"] == "e2e cfg g=4" and not out["hm c"]["matched"] and not out["hm c"]["better"]
     assert out["hm d"]["cfg"] is None and out["hm e"]["cfg"] is None
-    text = ev.comparison_table(list(out.values()), 0.02)
+    text = comparison_table(list(out.values()), 0.02)
     assert "1 of 2 matched" in text and "3 of 5 HM-CFG rows had no CFG row" in text
-    assert ev.compare_hm_cfg(rows, tolerance=0.2)[2]["matched"]
+    assert compare_hm_cfg(rows, tolerance=0.2)[2]["matched"]
     with pytest.raises(ConfigError, match="tolerance"):
-        ev.compare_hm_cfg(rows, tolerance=-1)
+        compare_hm_cfg(rows, tolerance=-1)
 
-    assert ev.plot_fidelity(rows, tmp_path / "sweep.png") == tmp_path / "sweep.png"
+    assert plot_fidelity(rows, tmp_path / "sweep.png") == tmp_path / "sweep.png"
     assert Image.open(tmp_path / "sweep.png").size == (720, 540)
     with pytest.raises(ConfigError, match="plot"):
-        ev.plot_fidelity(rows[:1], tmp_path / "none.png")
+        plot_fidelity(rows[:1], tmp_path / "none.png")
 
 
 def test_cli_sweep_writes_table_json_and_plot(tiny_world_model, oracles_dir, hypernet_dir, tmp_path, capsys):
@@ -210,7 +216,7 @@ def test_cli_sweep_writes_table_json_and_plot(tiny_world_model, oracles_dir, hyp
 
 def test_multi_reference_variants_share_weights_and_differ_only_for_several_refs(hypernet_dir):
     hypernet = E2EHyperNetwork.from_pretrained(hypernet_dir)
-    variants = ev.multi_reference_variants({"e2e": hypernet}, ["tokens", "mean_delta", "tokens"])
+    variants = multi_reference_variants({"e2e": hypernet}, ["tokens", "mean_delta", "tokens"])
     assert list(variants) == ["e2e:tokens", "e2e:mean_delta"]
     assert hypernet.config.multi_reference == "tokens"  # the original is untouched
     assert variants["e2e:mean_delta"].head_B is hypernet.head_B
@@ -224,7 +230,7 @@ def test_multi_reference_variants_share_weights_and_differ_only_for_several_refs
         assert b[name].A.shape[-2] == 3 * a[name].A.shape[-2]  # mean_delta: rank k·r
         assert not torch.allclose(a[name].delta(), b[name].delta())
     with pytest.raises(ConfigError, match="'median'"):
-        ev.multi_reference_variants({"e2e": hypernet}, ["median"])
+        multi_reference_variants({"e2e": hypernet}, ["median"])
 
 
 def test_cli_multi_reference_rows(tiny_world_model, oracles_dir, hypernet_dir, capsys):
@@ -269,14 +275,14 @@ def test_merge_results_keeps_chosen_hypernetworks_and_names_differing_figures():
         _row("hm-cfg", "b hm", 0.41, 0.9, 0.9, hypernet="b", w=(2.0, 2.0)),
         _row("hm-cfg", "a hm", 0.51, 0.9, 0.9, hypernet="a", w=(2.0, 2.0)),
     ]}
-    merged = ev.merge_results([("first", first), ("second", second)], keep=["b"])
+    merged = merge_results([("first", first), ("second", second)], keep=["b"])
     assert [r["label"] for r in merged["rows"]] == ["floor cfg g=3", "b cfg g=3", "b hm"]
     assert [c["hm_cfg"] for c in merged["comparison"]] == ["b hm"] and merged["comparison"][0]["matched"]
-    everything = ev.merge_results([("first", first), ("second", second)])
+    everything = merge_results([("first", first), ("second", second)])
     assert [r["label"] for r in everything["rows"]] == ["floor cfg g=3", "a cfg g=3", "a hm", "b cfg g=3", "b hm"]
     changed = {"settings": settings, "rows": [_row("cfg", "a cfg g=3", 0.5, 0.65, 0.5, hypernet="a")]}
     with pytest.raises(ConfigError, match=r"prompt 0\.65 vs 0\.6"):
-        ev.merge_results([("first", first), ("changed", changed)])
+        merge_results([("first", first), ("changed", changed)])
 
 
 def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_dir, hypernet_dir, tmp_path, capsys):
@@ -306,7 +312,7 @@ def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_di
 
     assert [r["kind"] for r in b["rows"]] == ["references", "hm-cfg"]  # --kinds hm-cfg: no floor or CFG rows generated
     with pytest.raises(ConfigError, match="no row of hypernetwork 'other'"):
-        ev.merge_results([("a", a), ("b", b)], keep=["e2e", "other"])
+        merge_results([("a", a), ("b", b)], keep=["e2e", "other"])
     other = {**b, "settings": {**b["settings"], "steps": 3}}
     (tmp_path / "other.json").write_text(json.dumps(other))
     changed = {**b, "rows": [{**r, "subject": (r["subject"] or 0) + 0.5} if r["kind"] == "references" else r for r in b["rows"]]}

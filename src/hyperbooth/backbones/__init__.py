@@ -52,12 +52,18 @@ def _model_index(folder_or_id: str) -> tuple[dict, str]:
         raise CheckpointError(f"model {str(folder_or_id)!r} is a file, not a model folder (give a diffusers pipeline folder or a hub id)")
     if not _HUB_ID.fullmatch(str(folder_or_id)):
         raise CheckpointError(f"model folder {str(folder_or_id)!r} does not exist")
+    # diffusers' pipeline module imports transformers' models (seconds): loaded only for a hub id
     from diffusers import DiffusionPipeline
 
     try:  # a hub id: diffusers fetches model_index.json (or finds it in its cache)
         return dict(DiffusionPipeline.load_config(str(folder_or_id))), f"{folder_or_id}/model_index.json"
-    except Exception as e:
-        raise CheckpointError(f"model {str(folder_or_id)!r} is neither a local folder nor a hub id that can be reached ({type(e).__name__})") from None
+    except Exception as e:  # offline, unknown id, no access: every way ends in one line naming the id and the cause
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:  # the first cause says why (offline, DNS …)
+            root = root.__cause__ or root.__context__
+        reason = (str(root).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"model {str(folder_or_id)!r} is no local folder, and as a hub id it cannot be reached "
+                              f"({type(root).__name__}: {reason})") from None
 
 
 def load_backbone(folder_or_id: str | os.PathLike | None = None, device: str | torch.device = "cpu",

@@ -29,6 +29,7 @@ from torch import nn
 
 from hyperbooth.errors import ConfigError
 from hyperbooth.lora.inject import LoRAInjector
+from hyperbooth.lora.inject import target_shapes as module_target_shapes
 from hyperbooth.lora.weights import LoRAWeights
 
 #: What a method may hand to a backbone: one UNet LoRA, or LoRAs per component (``{"unet": …, "text_encoder": …}``).
@@ -170,10 +171,8 @@ class Backbone(ABC):
 
     def target_shapes(self, targets: Mapping[str, Sequence[str]] | Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
         """UNet module name → ``(d_in, d_out)`` of the LoRA targets (``targets``: patterns; default the backbone's)."""
-        from hyperbooth.lora.inject import target_shapes
-
         patterns = targets if targets is not None else self.default_targets["unet"]
-        return target_shapes(self.unet, patterns)
+        return module_target_shapes(self.unet, patterns)
 
     @contextmanager
     def apply_lora(self, weights: ComponentLoRA | None, mode: str = "per_sample", rows=None, scale: float = 1.0) -> Iterator[None]:

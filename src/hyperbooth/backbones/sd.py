@@ -12,6 +12,7 @@ the same modules.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -23,6 +24,8 @@ from hyperbooth.backbones.base import Backbone, Conditioning
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.lora.inject import DEFAULT_TEXT_ENCODER_TARGETS, DEFAULT_UNET_TARGETS, LoRAInjector
 from hyperbooth.lora.weights import LoRAWeights
+
+log = logging.getLogger(__name__)
 
 
 class StableDiffusionBackbone(Backbone):
@@ -40,13 +43,15 @@ class StableDiffusionBackbone(Backbone):
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval().requires_grad_(False)
         self.resolution = int(self.unet.config.sample_size) * self.spatial_factor
+        self._warned: set[str] = set()  # prompts whose truncation was already reported
 
     @classmethod
     def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionBackbone:
+        # diffusers' pipelines import transformers' models (seconds): loaded when a pipeline is, not with the package
         from diffusers import StableDiffusionPipeline
 
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise CheckpointError(f"Stable Diffusion pipeline folder {str(path)!r} cannot be loaded ({type(e).__name__}: {e})") from None
         pipe.set_progress_bar_config(disable=True)
@@ -64,9 +69,17 @@ class StableDiffusionBackbone(Backbone):
         self.pipe.to(device=device, dtype=dtype)
         return self
 
-    @torch.no_grad()
     def _text_states(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        """``(B, 77, d)``: the tokens of ``StableDiffusionPipeline.encode_prompt`` through the text encoder. No
+        ``no_grad`` here: the encoder is frozen, so only a text-encoder LoRA being trained builds a graph."""
+        max_length = self.tokenizer.model_max_length
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        room = max_length - self.tokenizer.num_special_tokens_to_add()
+        for prompt, ids in zip(prompts, self.tokenizer(prompts, add_special_tokens=False).input_ids):
+            if len(ids) > room and prompt not in self._warned:  # as the pipeline does: name what CLIP will not see
+                self._warned.add(prompt)
+                log.warning("prompt %r is %d tokens, CLIP sees %d: this part is dropped: %r", prompt[:40], len(ids), room,
+                            self.tokenizer.decode(ids[room:])[:120])
         device = self.text_encoder.device
         mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
         return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]

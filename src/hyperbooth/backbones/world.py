@@ -45,6 +45,7 @@ class WorldBackbone(Backbone):
     @classmethod
     def from_pretrained(cls, path=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> WorldBackbone:
         """Load a folder written by :func:`~hyperbooth.world.base_model.save_world_model` (default: the shipped one)."""
+        # diffusers' model classes import slowly (seconds): loaded when a model is, not with the package
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         path = Path(path) if path is not None else SHIPPED_BASE_MODEL
@@ -53,7 +54,7 @@ class WorldBackbone(Backbone):
                 raise CheckpointError(f"base model folder {path} lacks {needed}; {RETRAIN_HINT}")
         try:
             meta = json.loads((path / "hyperbooth.json").read_text())
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", dtype=dtype)
             scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
         except Exception as e:  # a damaged file: say which folder and how to rebuild it
             raise CheckpointError(f"base model folder {path} is damaged ({type(e).__name__}: {e}); {RETRAIN_HINT}") from None

@@ -13,6 +13,9 @@ import importlib
 import logging
 import sys
 
+import diffusers
+import transformers
+
 import hyperbooth
 from hyperbooth.errors import HyperboothError
 
@@ -46,9 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """diffusers/transformers log loading chatter and progress bars at INFO; keep their errors only."""
-    import diffusers
-    import transformers
-
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

@@ -14,7 +14,7 @@ import re
 import time
 from pathlib import Path
 
-from hyperbooth.backbones import load_backbone
+from hyperbooth.backbones import as_components, load_backbone
 from hyperbooth.devices import DTYPES, resolve_device
 from hyperbooth.errors import ConfigError
 from hyperbooth.files import check_writable
@@ -22,7 +22,7 @@ from hyperbooth.generate import check_finite, generate
 from hyperbooth.grids import captioned_grid, to_uint8, write_pngs
 from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, GUIDANCE, parse_interval
 from hyperbooth.lora.io import load_lora
-from hyperbooth.personalize import load_personalizer, load_references, mix_loras, parse_mix, personalize
+from hyperbooth.personalize import load_personalizer, load_references, mix_loras, parse_mix, personalize, personalizer_folder
 from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
 
 
@@ -83,6 +83,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"unknown --guidance {args.guidance!r}; choose one of {', '.join(GUIDANCE)}")
     if args.guidance == "hm-cfg" and not (args.images or args.lora or args.mix):
         raise ConfigError("--guidance hm-cfg needs a subject (--images, --lora or --mix); use --guidance cfg for the base model")
+    if args.hypernet is not None and not args.images:
+        raise ConfigError(f"--hypernet {str(args.hypernet)!r} needs --images (the subject's reference images it reads)")
     args.pers_interval = parse_interval(args.pers_interval)
     if args.scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -100,20 +102,21 @@ def run(args: argparse.Namespace) -> int:
     mix = parse_mix(args.mix) if args.mix else None
     device = resolve_device(args.device, "--device")
     refs = load_references(args.images, 8) if args.images else None  # every file checked before a model loads
+    personalizer = load_personalizer(args.hypernet, device=device) if refs is not None else None  # its config names its method
     backbone = load_backbone(args.model, device=device, dtype=DTYPES[args.dtype])
     weights, subject = None, "base model (CFG)"
-    if refs is not None:
-        personalizer = load_personalizer(args.hypernet, device=device)
+    if personalizer is not None:
+        personalizer.check_backbone(backbone, source=personalizer_folder(args.hypernet))  # before any work: the folder is named
         weights, ms = personalize(args.images, personalizer, backbone, args.class_name)
         subject = f"{len(refs)} reference image(s), {personalizer.method} {ms:.1f} ms"
     elif args.lora:
         loaded = load_lora(args.lora, backbone.components)
         weights, subject = loaded.components, str(args.lora)
     elif mix:
-        weights, subject = mix_loras(mix, backbone.unet), " + ".join(f"{w:g}·{p}" for p, w in mix)
+        weights, subject = mix_loras(mix, backbone.components), " + ".join(f"{w:g}·{p}" for p, w in mix)
 
     if weights is not None:
-        weights = {c: w.to(device=device, dtype=DTYPES[args.dtype]) for c, w in (weights.items() if isinstance(weights, dict) else [("unet", weights)])}
+        weights = {c: w.to(device=device, dtype=DTYPES[args.dtype]) for c, w in as_components(weights).items()}
     seeds = list(range(args.seed, args.seed + args.num_images))
     t0 = time.perf_counter()
     images = {}  # seed → (P, 3, H, W); cell (prompt i, seed s) is row i of the run with seed s

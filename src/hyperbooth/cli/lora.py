@@ -8,6 +8,9 @@ from pathlib import Path
 
 from hyperbooth.lora.io import FORMATS, load_lora, save_lora
 
+#: Header fields ``convert`` carries over besides the method and base model (see ``personalize.lora_provenance``).
+PROVENANCE_KEYS = ("hyperbooth.backbone", "hyperbooth.hypernet")
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("lora", help="inspect or convert LoRA files (diffusers/PEFT and kohya layouts)")
@@ -50,14 +53,16 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     lora = load_lora(args.src)
-    keep = {k: v for k, v in lora.metadata.items() if k in ("hyperbooth.method", "hyperbooth.base_model")}
+    meta = lora.metadata
+    provenance = {k: v for k, v in meta.items() if k in PROVENANCE_KEYS}  # what made the file travels with it
     save_lora(
         args.dst,
         lora.components,
         args.format,
         conv_modules=lora.conv_modules,
-        method=keep.get("hyperbooth.method", "unknown"),
-        base_model=keep.get("hyperbooth.base_model", "unknown"),
+        method=meta.get("hyperbooth.method", "unknown"),
+        base_model=meta.get("hyperbooth.base_model", "unknown"),
+        extra_metadata=provenance,
     )
     print(f"wrote {args.dst} ({args.format} layout)")
     return 0

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hyperbooth.backbones import load_backbone
+from hyperbooth.backbones import as_components, load_backbone
 from hyperbooth.cli.generate import add_model_options
 from hyperbooth.devices import DTYPES, resolve_device
 from hyperbooth.errors import ConfigError
 from hyperbooth.files import check_writable
 from hyperbooth.images import image_files, load_image
 from hyperbooth.lora.io import FORMATS, save_lora
-from hyperbooth.personalize import load_personalizer, lora_provenance, personalize
+from hyperbooth.personalize import load_personalizer, lora_provenance, personalize, personalizer_folder
 
 
 def register(subparsers) -> None:
@@ -34,10 +34,14 @@ def run(args: argparse.Namespace) -> int:
     for f in image_files(args.images):  # a bad file is named before any model loads
         load_image(f)
     device = resolve_device(args.device, "--device")
-    personalizer = load_personalizer(args.hypernet, device=device)
+    folder = personalizer_folder(args.hypernet)
+    personalizer = load_personalizer(folder, device=device)
     backbone = load_backbone(args.model, device=device, dtype=DTYPES[args.dtype])
+    personalizer.check_backbone(backbone, source=folder)  # one built for another backbone: the folder is named
     weights, ms = personalize(args.images, personalizer, backbone, args.class_name)
-    save_lora(args.out, weights.select(0), args.format, models=backbone.components, **lora_provenance(personalizer, backbone, args.hypernet))
-    print(f"wrote {args.out} ({args.format} layout, {personalizer.method}, {len(weights)} modules, rank {max(weights.ranks.values())}); "
-          f"personalization {ms:.1f} ms")
+    parts = {comp: w.select(0) for comp, w in as_components(weights).items()}
+    save_lora(args.out, parts, args.format, models=backbone.components, **lora_provenance(personalizer, backbone, folder))
+    modules = ", ".join(f"{comp}: {len(w)} modules" for comp, w in parts.items())
+    rank = max(r for w in parts.values() for r in w.ranks.values())
+    print(f"wrote {args.out} ({args.format} layout, {personalizer.method}, {modules}, rank {rank}); personalization {ms:.1f} ms")
     return 0

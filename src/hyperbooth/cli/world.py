@@ -1,16 +1,32 @@
-"""`hyperbooth world sample | train-oracles | eval-oracles | eval-base | eval-personalization`."""
+"""`hyperbooth world sample | train-oracles | train-encoder | eval-oracles | eval-base | eval-personalization |
+merge-evals`: parse the arguments and call the library (:mod:`hyperbooth.world`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
-import numpy as np
-
+from hyperbooth.backbones.world import WorldBackbone
+from hyperbooth.encoders import SHIPPED_WORLD_ENCODER
 from hyperbooth.errors import ConfigError
 from hyperbooth.files import atomic_write
-from hyperbooth.guidance import DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, parse_interval
+from hyperbooth.grids import grid, save_png
+from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, parse_interval
+from hyperbooth.methods import SHIPPED_E2E
+from hyperbooth.methods.dreambooth_lora import DreamBoothLoRA, FinetuneConfig
+from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS
+from hyperbooth.world.contexts import Context
+from hyperbooth.world.eval_base import evaluate_base_model
+from hyperbooth.world.merge import hypernet_source, merge_results, select_hypernets
+from hyperbooth.world.oracles import SHIPPED_ORACLES, OracleTrainConfig, Oracles, evaluate_oracles, train_oracles
+from hyperbooth.world.personalization import evaluate_personalization, load_personalizers, multi_reference_variants
+from hyperbooth.world.pretrain import EncoderPretrainConfig, pretrain_world_encoder, save_world_encoder
+from hyperbooth.world.protocol import ROW_KINDS, check_weight, hm_cfg_pairs, personalization_rows
+from hyperbooth.world.render import check_resolution, render
+from hyperbooth.world.report import comparison_table, personalization_table, plot_fidelity, to_json
+from hyperbooth.world.splits import identity_seeds
 
 
 def _int(value: str) -> int:
@@ -53,22 +69,22 @@ def register(subparsers) -> None:
     base.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped one)")
     base.add_argument("--oracles", type=Path, default=None)
     base.add_argument("--num", type=_int, default=320)
-    base.add_argument("--guidance-scale", type=float, default=3.0)
-    base.add_argument("--steps", type=_int, default=25)
-    base.add_argument("--scheduler", default="dpm++")
+    base.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
+    base.add_argument("--steps", type=_int, default=DEFAULT_STEPS)
+    base.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
     base.add_argument("--json", type=Path, default=None, help="also write the figures here")
     base.add_argument("--grid", type=Path, default=None, help="also write a grid of generations here")
     base.set_defaults(func=_eval_base)
 
     pers = sub.add_parser(
         "eval-personalization",
-        help="subject vs prompt fidelity of the e2e hypernetwork (floor, CFG, HM-CFG; --sweep for the HM-CFG grid)",
+        help="subject vs prompt fidelity of personalizers of any method (floor, CFG, HM-CFG; --sweep for the HM-CFG grid)",
         description="Held-out identities x evaluation contexts; one row per method and setting; prints a Markdown table "
         "and the HM-CFG vs personalized-CFG comparison at equal subject fidelity.",
     )
     pers.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped one)")
     pers.add_argument("--oracles", type=Path, default=None, help="oracle folder (default: the shipped one)")
-    pers.add_argument("--hypernet", type=Path, action="append", default=None, help="hypernetwork folder; repeat to compare several (default: the shipped e2e one)")
+    pers.add_argument("--hypernet", type=Path, action="append", default=None, help="personalizer folder of any registered method; repeat to compare several (default: the shipped e2e one)")
     pers.add_argument("--label", action="append", default=None, help="row label of each --hypernet, in order")
     pers.add_argument("--refs", default="1", help="reference images per subject, a list (e.g. 1,3)")
     pers.add_argument("--dreambooth-steps", default=None, help="also rows for DreamBooth-LoRA fine-tuned per identity for these step counts, a list (e.g. 400): the ceiling")
@@ -76,8 +92,8 @@ def register(subparsers) -> None:
     pers.add_argument("--multi-reference", default=None, help="ways to combine several references to compare, a list of tokens,mean_delta (default: each hypernetwork's own)")
     pers.add_argument("--num-identities", type=_int, default=50)
     pers.add_argument("--prompts", type=_int, default=6, help="evaluation prompts per identity")
-    pers.add_argument("--steps", type=_int, default=25)
-    pers.add_argument("--scheduler", default="dpm++")
+    pers.add_argument("--steps", type=_int, default=DEFAULT_STEPS)
+    pers.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
     pers.add_argument("--guidance-scales", default=None, help="CFG scales of the floor and personalized-CFG rows (default 3; with --sweep 2,3,4)")
     pers.add_argument("--w-base", default=None, help=f"HM-CFG w_base values (default {DEFAULT_W_BASE:g}; with --sweep 1,2,3,4)")
     pers.add_argument("--w-pers", default=None, help=f"HM-CFG w_pers values (default {DEFAULT_W_PERS:g}; with --sweep 0.5,1,1.5,2)")
@@ -110,43 +126,19 @@ def register(subparsers) -> None:
     merge.set_defaults(func=_merge_evals)
 
 
-def write_png(image: np.ndarray, out: Path) -> Path:
-    """Write ``(H, W, 3)`` uint8 as PNG atomically."""
-    from PIL import Image
-
-    return atomic_write(out, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-
-
-def grid(images: list[list[np.ndarray]], upscale: int = 1, pad: int = 1) -> np.ndarray:
-    """Rows of equally sized ``(H, W, 3)`` images → one image, nearest-neighbour upscaled, white gutters."""
-    h, w, _ = images[0][0].shape
-    rows, cols = len(images), max(len(r) for r in images)
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(images):
-        for j, img in enumerate(row):
-            out[pad + i * (h + pad) : pad + i * (h + pad) + h, pad + j * (w + pad) : pad + j * (w + pad) + w] = img
-    return out.repeat(upscale, axis=0).repeat(upscale, axis=1)
-
-
 def _sample(args: argparse.Namespace) -> int:
-    from hyperbooth.world.contexts import Context
-    from hyperbooth.world.render import check_resolution, render
-    from hyperbooth.world.splits import identity_seeds
-
     check_resolution(args.resolution)
     if args.identities < 1 or args.upscale < 1:
         raise ConfigError("--identities and --upscale must be at least 1")
     contexts = [Context.parse(name.strip()) for name in args.contexts.split(",") if name.strip()]
     seeds = list(identity_seeds(args.split, args.identities, start=args.seed))
     images = [[render(s, context=c, resolution=args.resolution) for c in contexts] for s in seeds]
-    write_png(grid(images, args.upscale), args.out)
+    save_png(grid(images, args.upscale), args.out)
     print(f"wrote {args.out}: {len(seeds)} identities x {len(contexts)} contexts")
     return 0
 
 
 def _train_oracles(args: argparse.Namespace) -> int:
-    from hyperbooth.world.oracles import SHIPPED_ORACLES, OracleTrainConfig, train_oracles
-
     cfg = OracleTrainConfig() if args.steps is None else OracleTrainConfig(steps=args.steps)
     figures = train_oracles(args.out or SHIPPED_ORACLES, cfg)
     print(json.dumps(figures, indent=2))
@@ -154,9 +146,6 @@ def _train_oracles(args: argparse.Namespace) -> int:
 
 
 def _train_encoder(args: argparse.Namespace) -> int:
-    from hyperbooth.encoders import SHIPPED_WORLD_ENCODER
-    from hyperbooth.world.pretrain import EncoderPretrainConfig, pretrain_world_encoder, save_world_encoder
-
     cfg = EncoderPretrainConfig() if args.steps is None else EncoderPretrainConfig(steps=args.steps)
     if cfg.steps < 1:
         raise ConfigError(f"--steps={cfg.steps} must be at least 1")
@@ -167,25 +156,19 @@ def _train_encoder(args: argparse.Namespace) -> int:
 
 
 def _eval_oracles(args: argparse.Namespace) -> int:
-    from hyperbooth.world.oracles import Oracles, evaluate_oracles
-
     oracles = Oracles.load(args.oracles)
     print(json.dumps(evaluate_oracles(oracles.identity, oracles.context, n=args.num), indent=2))
     return 0
 
 
 def _eval_base(args: argparse.Namespace) -> int:
-    from hyperbooth.backbones.world import WorldBackbone
-    from hyperbooth.world.evaluate import evaluate_base_model
-    from hyperbooth.world.oracles import Oracles
-
     model = WorldBackbone.from_pretrained(args.model)
     oracles = Oracles.load(args.oracles)
     figures = evaluate_base_model(model, oracles, num=args.num, guidance_scale=args.guidance_scale, steps=args.steps, scheduler=args.scheduler, grid_path=args.grid)
     text = json.dumps(figures, indent=2)
     print(text)
     if args.json:
-        args.json.write_text(text)
+        atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     return 0
 
 
@@ -201,8 +184,6 @@ def _numbers(text: str, option: str, kind=float) -> list:
 
 
 def _merge_evals(args: argparse.Namespace) -> int:
-    from hyperbooth.world import evaluate as ev
-
     _check_outputs(args)
     results = []
     for item in args.results:
@@ -219,56 +200,48 @@ def _merge_evals(args: argparse.Namespace) -> int:
             raise ConfigError(f"{str(path)!r} cannot be read ({e.strerror or type(e).__name__})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{str(path)!r} is not a JSON file ({type(e).__name__})") from None
-        results.append((str(path), result if only is None else ev.select_hypernets(result, only, str(path))))
+        results.append((str(path), result if only is None else select_hypernets(result, only, str(path))))
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else None
-    return _report(ev.merge_results(results, args.tolerance, keep=keep), args)
+    return _report(merge_results(results, args.tolerance, keep=keep), args)
 
 
 def _eval_personalization(args: argparse.Namespace) -> int:
-    import time
-
-    from hyperbooth.methods import SHIPPED_E2E
-    from hyperbooth.world import evaluate as ev
-    from hyperbooth.backbones.world import WorldBackbone
-    from hyperbooth.world.oracles import Oracles
-
     t0 = time.perf_counter()
     refs = _numbers(args.refs, "--refs", int)
     if any(k < 1 for k in refs):
         raise ConfigError(f"--refs={args.refs!r}: every reference count must be at least 1")
-    scales = [ev.check_weight(g, "--guidance-scales") for g in _numbers(args.guidance_scales or ("2,3,4" if args.sweep else "3"), "--guidance-scales")]
+    scales = [check_weight(g, "--guidance-scales") for g in _numbers(args.guidance_scales or ("2,3,4" if args.sweep else f"{DEFAULT_GUIDANCE_SCALE:g}"), "--guidance-scales")]
     w_base = _numbers(args.w_base or ("1,2,3,4" if args.sweep else f"{DEFAULT_W_BASE:g}"), "--w-base")
     w_pers = _numbers(args.w_pers or ("0.5,1,1.5,2" if args.sweep else f"{DEFAULT_W_PERS:g}"), "--w-pers")
-    pairs = ev.hm_cfg_pairs(w_base, w_pers, sweep=args.sweep)
+    pairs = hm_cfg_pairs(w_base, w_pers, sweep=args.sweep)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    if not kinds or any(k not in ev.ROW_KINDS for k in kinds):
-        raise ConfigError(f"--kinds={args.kinds!r} must name some of {', '.join(ev.ROW_KINDS)}")
+    if not kinds or any(k not in ROW_KINDS for k in kinds):
+        raise ConfigError(f"--kinds={args.kinds!r} must name some of {', '.join(ROW_KINDS)}")
     intervals = [parse_interval(text) for text in args.pers_interval] if args.pers_interval else [DEFAULT_PERS_INTERVAL]
     for option, value in (("--num-identities", args.num_identities), ("--prompts", args.prompts), ("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{option}={value} must be at least 1")
+    dreambooth_steps = _numbers(args.dreambooth_steps, "--dreambooth-steps", int) if args.dreambooth_steps else []
+    if any(n < 1 for n in dreambooth_steps):
+        raise ConfigError(f"--dreambooth-steps={args.dreambooth_steps!r}: every step count must be at least 1")
     _check_outputs(args)
-    folders = args.hypernet or [SHIPPED_E2E]
-    hypernets = ev.load_hypernetworks(folders, args.label)
     base = WorldBackbone.from_pretrained(args.model)
-    for folder, hypernet in zip(folders, hypernets.values()):
-        ev.check_hypernetwork(hypernet, base, folder)
+    folders = args.hypernet or [SHIPPED_E2E]
+    personalizers = load_personalizers(folders, args.label, base)  # any registered method; checked against the UNet
     # what each row label stands for (folder and weights digest), so that merge-evals can refuse one label naming two
     # models, a retrained checkpoint in the same folder included
-    sources = {label: ev.hypernet_source(folder) for label, folder in zip(hypernets, folders)}
+    sources = {label: hypernet_source(folder) for label, folder in zip(personalizers, folders)}
     if args.multi_reference:
         modes = [m.strip() for m in args.multi_reference.split(",") if m.strip()]
-        hypernets = ev.multi_reference_variants(hypernets, modes)
+        personalizers = multi_reference_variants(personalizers, modes)
         sources = {f"{label}:{mode}": f"{folder} (multi_reference={mode})" for label, folder in sources.items() for mode in modes}
-    for n in _numbers(args.dreambooth_steps, "--dreambooth-steps", int) if args.dreambooth_steps else []:
-        if n < 1:
-            raise ConfigError(f"--dreambooth-steps={args.dreambooth_steps!r}: every step count must be at least 1")
-        hypernets[f"dreambooth-lora-{n}"] = ev.DreamBoothLoRA(base, n, cache=args.dreambooth_cache, seed=args.seed)
+    for n in dreambooth_steps:  # the ceiling: DreamBooth-LoRA fine-tuned per identity, its LoRAs cached for reruns
+        personalizers[f"dreambooth-lora-{n}"] = DreamBoothLoRA(FinetuneConfig(steps=n, seed=args.seed), cache=args.dreambooth_cache)
         sources[f"dreambooth-lora-{n}"] = f"DreamBooth-LoRA fine-tune, {n} steps, seed {args.seed}"
     oracles = Oracles.load(args.oracles)
-    rows = [r for r in ev.personalization_rows(list(hypernets), refs, scales, pairs, intervals) if r.kind in kinds]
-    result = ev.evaluate_personalization(
-        base, oracles, hypernets, rows, num_identities=args.num_identities, prompts_per_identity=args.prompts,
+    rows = [r for r in personalization_rows(list(personalizers), refs, scales, pairs, intervals) if r.kind in kinds]
+    result = evaluate_personalization(
+        base, oracles, personalizers, rows, num_identities=args.num_identities, prompts_per_identity=args.prompts,
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, scheduler=args.scheduler, tolerance=args.tolerance,
     )
     minutes = (time.perf_counter() - t0) / 60
@@ -283,19 +256,17 @@ def _eval_personalization(args: argparse.Namespace) -> int:
 
 def _report(result: dict, args: argparse.Namespace, footer: str | None = None) -> int:
     """Print the table and the HM-CFG comparison; write ``--json`` and ``--plot`` when asked."""
-    from hyperbooth.world import evaluate as ev
-
-    print(ev.personalization_table(result))
+    print(personalization_table(result))
     print()
-    print(ev.comparison_table(result["comparison"], args.tolerance))
+    print(comparison_table(result["comparison"], args.tolerance))
     if footer:
         print()
         print(footer)
     if args.json:
-        text = json.dumps(ev.to_json(result), indent=2)
+        text = json.dumps(to_json(result), indent=2)
         atomic_write(args.json, lambda tmp: Path(tmp).write_text(text))
     if args.plot:
-        ev.plot_fidelity(result["rows"], args.plot)
+        plot_fidelity(result["rows"], args.plot)
     return 0
 
 

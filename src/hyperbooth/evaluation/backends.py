@@ -1,19 +1,21 @@
-"""Where evaluation images come from: a text-to-image model, its subjects and its prompts.
+"""Where evaluation images come from: a :class:`~hyperbooth.backbones.base.Backbone`, its subjects and its prompts.
 
-- :class:`WorldBackend`: the embedded DreamBench-World. The world's base model; subjects are held-out (test split)
-  identities with reference photos from :func:`hyperbooth.world.evaluate.reference_images`; prompts are DreamBench's
-  prompts that the world can show (its backgrounds, recolours and accessory; the same phrases).
-- :class:`DiffusersBackend`: a ``StableDiffusionPipeline`` folder (real SD 1.5 on a GPU) with DreamBench's subject
-  folders and prompts file.
+- :class:`WorldBackend`: the embedded DreamBench-World. Subjects are held-out (test split) identities with
+  reference photos from :func:`hyperbooth.world.fidelity.reference_images`; prompts are DreamBench's prompts that the
+  world can show (its backgrounds, recolours and accessory; the same phrases).
+- :class:`DiffusersBackend`: a diffusers pipeline folder (an SD 1.5-architecture ``StableDiffusionPipeline``; real
+  SD 1.5 on a GPU) with DreamBench's subject folders and prompts file.
 
-``backend.generate(prompts, seeds, lora)`` → ``(n, 3, H, W)`` in [-1, 1]: image ``i`` from ``prompts[i]`` with the
-initial noise of ``seeds[i]`` (a CPU generator, so a seed gives the same noise on every device), with the LoRA
-(component → :class:`~hyperbooth.lora.LoRAWeights` of one subject) applied inside a context that restores the model.
+Both sample the same way, through :func:`hyperbooth.generate.generate` over their backbone (a
+:class:`~hyperbooth.backbones.WorldBackbone`; what :func:`hyperbooth.backbones.load_backbone` reads from the
+pipeline folder), so CFG and HM-CFG work on either: ``backend.generate(prompts, seeds,
+lora, guidance)`` → ``(n, 3, H, W)`` in [-1, 1], image ``i`` from ``prompts[i]`` with the initial noise of
+``seeds[i]`` (one ``generate`` call per image, its noise drawn on the CPU: a seed gives the same noise on every
+device and in every batch), with the LoRA (component → :class:`~hyperbooth.lora.LoRAWeights` of one subject).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -22,30 +24,47 @@ from pathlib import Path
 
 import torch
 
+from hyperbooth.backbones import Backbone, WorldBackbone, load_backbone
 from hyperbooth.devices import DTYPES, resolve_device
-
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.evaluation.dreambench import EvalPrompt, PromptSet, Subject, load_subjects, parse_prompts_file
+from hyperbooth.generate import generate
+from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS
+from hyperbooth.lora.weights import LoRAWeights
+from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS
+from hyperbooth.world import contexts as ctx
+from hyperbooth.world.fidelity import reference_images
+from hyperbooth.world.identity import identity_class
+from hyperbooth.world.splits import identity_seeds
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Guidance:
-    """How to sample: CFG (``guidance_scale``), or HM-CFG (``w_base``, ``w_pers``; world only), LoRA scale."""
+    """How to sample: ``"cfg"`` (``guidance_scale``) or ``"hm-cfg"`` (``w_base``, ``w_pers``, ``pers_interval``;
+    it needs a LoRA), and the LoRA's scale. Defaults: :mod:`hyperbooth.guidance`."""
 
     guidance: str = "cfg"
-    guidance_scale: float = 3.0
-    w_base: float = 3.0
-    w_pers: float = 1.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    w_base: float = DEFAULT_W_BASE
+    w_pers: float = DEFAULT_W_PERS
+    pers_interval: tuple[float, float] = DEFAULT_PERS_INTERVAL
     lora_scale: float = 1.0
+
+    def describe(self) -> str:
+        if self.guidance == "hm-cfg":
+            return f"HM-CFG w_base={self.w_base:g} w_pers={self.w_pers:g}"
+        return f"CFG {self.guidance_scale:g}"
 
 
 class Backend(ABC):
-    """A model to sample, the subjects to personalize it to, and the prompts of each subject kind."""
+    """A backbone to sample, the subjects to personalize it to, and the prompts of each subject kind."""
 
     name: str = ""
-    components: tuple[str, ...] = ("unet",)  # the models a LoRA may target
+    backbone: Backbone
+    steps: int = DEFAULT_STEPS
+    scheduler: str = DEFAULT_SCHEDULER
 
     @abstractmethod
     def describe(self) -> str: ...
@@ -56,22 +75,35 @@ class Backend(ABC):
     @abstractmethod
     def prompts(self, kind: str) -> tuple[EvalPrompt, ...]: ...
 
-    @abstractmethod
     def models(self) -> dict[str, torch.nn.Module]:
-        """Component name → module, what LoRA files are checked against."""
+        """Component name → module: what LoRAs may target and LoRA files are checked against."""
+        return dict(self.backbone.components)
 
-    @abstractmethod
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], lora: Mapping | None = None, guidance: Guidance = Guidance()) -> torch.Tensor: ...
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], lora: Mapping[str, LoRAWeights] | None = None,
+                 guidance: Guidance = Guidance()) -> torch.Tensor:
+        """Image ``i`` of ``prompts[i]`` from the noise of ``seeds[i]``; ``(n, 3, H, W)`` float32 on the CPU in [-1, 1].
+        ``lora``: component → one subject's LoRA, or None for the base model (then ``guidance`` must be CFG: HM-CFG
+        without a personalized model is refused, never replaced)."""
+        if len(prompts) != len(seeds):
+            raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        weights = dict(lora) if lora else None
+        images = []
+        for prompt, seed in zip(prompts, seeds):  # one call per image: its seed alone fixes its noise
+            images.append(generate(
+                self.backbone, [prompt], weights, guidance=guidance.guidance, guidance_scale=guidance.guidance_scale,
+                w_base=guidance.w_base, w_pers=guidance.w_pers, pers_interval=guidance.pers_interval, steps=self.steps,
+                seed=int(seed), scheduler=self.scheduler, lora_scale=guidance.lora_scale,
+            ))
+        return torch.cat(images).float().cpu()
 
 
 # -- DreamBench-World -------------------------------------------------------------------------------------------
 
 
-def world_context(prompt: EvalPrompt):
+def world_context(prompt: EvalPrompt) -> ctx.Context | None:
     """The world :class:`~hyperbooth.world.contexts.Context` a DreamBench prompt asks for, or None where the world
     cannot show it ("a shiny ...", "... in a chef outfit")."""
-    from hyperbooth.world import contexts as ctx
-
     before, _, after = prompt.template.partition("{0} {1}")
     before, after = " ".join(before.split()), " ".join(after.split())
     words = before.split()
@@ -99,8 +131,6 @@ def world_context(prompt: EvalPrompt):
 def world_prompts(prompt_set: PromptSet | None = None) -> tuple[EvalPrompt, ...]:
     """DreamBench prompts the world can show: from ``prompt_set`` (object list, then the live list's extra ones), or
     built from the world's vocabulary (its phrases are DreamBench's)."""
-    from hyperbooth.world import contexts as ctx
-
     if prompt_set is None:
         templates = [f"a {{0}} {{1}} {phrase}" for phrase in ctx.BACKGROUNDS.values()]
         templates += [f"a {word} {{0}} {{1}}" for word in ctx.RECOLOR_WORDS.values()]
@@ -119,97 +149,67 @@ def world_prompts(prompt_set: PromptSet | None = None) -> tuple[EvalPrompt, ...]
 
 
 class WorldBackend(Backend):
+    """The world's base model (``model``: its folder; None: the shipped one) with held-out identities as subjects."""
+
     name = "world"
 
-    def __init__(self, model: str | None = None, device: str = "cpu", steps: int = 25, scheduler: str = "dpm++",
-                 num_subjects: int = 8, references: int = 3, prompts_file: str | None = None, seed: int = 0):
-        from hyperbooth.backbones.world import WorldBackbone
-
+    def __init__(self, model: str | None = None, device: str = "cpu", steps: int = DEFAULT_STEPS, scheduler: str = DEFAULT_SCHEDULER,
+                 num_subjects: int = 8, references: int = 3, prompts_file: str | None = None, seed: int = 0, dtype: str = "float32"):
         if model not in (None, "") and not Path(model).is_dir():
             raise CheckpointError(f"world base model folder {str(model)!r} does not exist")
-        self.model = WorldBackbone.from_pretrained(model or None, device=resolve_device(device))
+        self.backbone = WorldBackbone.from_pretrained(model or None, device=resolve_device(device), dtype=DTYPES[dtype])
         self.steps, self.scheduler, self.seed = steps, scheduler, seed
         self.num_subjects, self.references = num_subjects, references
         self._prompts = world_prompts(parse_prompts_file(prompts_file) if prompts_file else None)
 
     def describe(self) -> str:
-        return (f"DreamBench-World: base model {self.model.path} ({self.model.resolution}x{self.model.resolution}), "
+        b = self.backbone
+        return (f"DreamBench-World: base model {b.path} ({b.resolution}x{b.resolution}), "
                 f"{self.num_subjects} held-out identities x {self.references} reference renders, {self.scheduler} {self.steps} steps")
 
     def subjects(self) -> list[Subject]:
-        from hyperbooth.world.evaluate import reference_images
-        from hyperbooth.world.identity import identity_class
-        from hyperbooth.world.splits import identity_seeds
-
         out = []
         for s in identity_seeds("test", self.num_subjects):
-            images = reference_images(s, self.references, seed=self.seed, resolution=self.model.resolution)
+            images = reference_images(s, self.references, seed=self.seed, resolution=self.backbone.resolution)
             out.append(Subject(name=f"world-{s}", class_name=identity_class(s), kind="object", images=images, identity_seed=s))
         return out
 
     def prompts(self, kind: str) -> tuple[EvalPrompt, ...]:
         return self._prompts  # every world class is an object; the world's accessory is included for them
 
-    def models(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.model.unet}
 
-    def generate(self, prompts, seeds, lora=None, guidance: Guidance = Guidance()) -> torch.Tensor:
-        from hyperbooth.generate import generate
-
-        if len(prompts) != len(seeds):
-            raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        lora = dict(lora or {})
-        extra = set(lora) - {"unet"}
-        if extra:
-            raise ConfigError(f"the world's base model takes UNet LoRAs only; the LoRA also has {', '.join(sorted(extra))}")
-        weights = lora.get("unet")
-        if weights is None and guidance.guidance == "hm-cfg":
-            guidance = Guidance("cfg", guidance.guidance_scale)  # no personalized branch: HM-CFG is base CFG
-        images = []
-        for prompt, seed in zip(prompts, seeds):  # one call per image: its seed alone fixes its noise
-            images.append(generate(self.model, [prompt], weights=weights, guidance=guidance.guidance, guidance_scale=guidance.guidance_scale,
-                                   w_base=guidance.w_base, w_pers=guidance.w_pers, steps=self.steps, seed=int(seed),
-                                   scheduler=self.scheduler, lora_scale=guidance.lora_scale))
-        return torch.cat(images).float().cpu()
-
-
-# -- diffusers StableDiffusionPipeline --------------------------------------------------------------------------
-
+# -- a diffusers pipeline on DreamBench's subject folders -------------------------------------------------------
 
 
 class DiffusersBackend(Backend):
+    """A diffusers pipeline folder (:func:`~hyperbooth.backbones.load_backbone` picks its backbone class) with
+    DreamBench's subject folders and prompts file. ``resolution``: the side of the generated images (0: the
+    pipeline's own, 512 for SD 1.5)."""
+
     name = "diffusers"
-    components = ("unet", "text_encoder")
 
     def __init__(self, model: str, dataset: str, prompts_file: str | None = None, subjects: Sequence[str] = (), reference_size: int = 512,
-                 device: str = "auto", dtype: str = "float32", steps: int = 50, scheduler: str = "ddim", resolution: int = 0, batch_size: int = 4):
-        from diffusers import StableDiffusionPipeline
-
-        from hyperbooth.sampling import make_scheduler
-
+                 device: str = "auto", dtype: str = "float32", steps: int = 50, scheduler: str = "ddim", resolution: int = 0):
         if not model:
-            raise ConfigError("backend.model must name a StableDiffusionPipeline folder for the diffusers backend")
+            raise ConfigError("backend.model must name a diffusers pipeline folder for the diffusers backend")
         folder = Path(model)
         if not (folder / "model_index.json").is_file():
             raise CheckpointError(f"diffusers pipeline folder {str(folder)!r} does not exist or lacks model_index.json")
         if dtype not in DTYPES:
             raise ConfigError(f"backend.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-        self.device = resolve_device(device)
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False)
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise CheckpointError(f"diffusers pipeline folder {folder} cannot be loaded ({type(e).__name__}: {e})") from None
-        if scheduler:
-            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(self.device)
-        self.folder, self.steps, self.scheduler, self.batch_size = folder, steps, scheduler or type(pipe.scheduler).__name__, batch_size
-        self.resolution = resolution or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+        self.backbone = load_backbone(folder, device=resolve_device(device), dtype=DTYPES[dtype])
+        if resolution:
+            factor = self.backbone.spatial_factor
+            if resolution % factor:
+                raise ConfigError(f"backend.resolution={resolution} must be a multiple of {factor} (the {self.backbone.name} backbone's latent cell)")
+            self.backbone.resolution = resolution  # generate samples (resolution / factor)² latents
+        self.folder, self.steps, self.scheduler = folder, steps, scheduler
         self.prompt_set = parse_prompts_file(prompts_file or Path(dataset) / "prompts_and_classes.txt")
         self.dataset, self.subject_names, self.reference_size = dataset, tuple(subjects), reference_size
 
     def describe(self) -> str:
-        return (f"diffusers StableDiffusionPipeline {self.folder} ({self.resolution}x{self.resolution}, {self.scheduler} {self.steps} steps) "
+        b = self.backbone
+        return (f"diffusers pipeline {self.folder} ({b.name} backbone, {b.resolution}x{b.resolution}, {self.scheduler} {self.steps} steps) "
                 f"on DreamBench subjects from {self.dataset}, prompts from {self.prompt_set.path}")
 
     def subjects(self) -> list[Subject]:
@@ -217,31 +217,3 @@ class DiffusersBackend(Backend):
 
     def prompts(self, kind: str) -> tuple[EvalPrompt, ...]:
         return self.prompt_set.prompts(kind)
-
-    def models(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.pipe.unet, "text_encoder": self.pipe.text_encoder}
-
-    @torch.no_grad()
-    def generate(self, prompts, seeds, lora=None, guidance: Guidance = Guidance()) -> torch.Tensor:
-        from hyperbooth.lora import apply_lora
-
-        if len(prompts) != len(seeds):
-            raise ConfigError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        if guidance.guidance != "cfg":
-            raise ConfigError(f"guidance {guidance.guidance!r} is not available with the diffusers backend; use method.guidance=cfg")
-        models = self.models()
-        lora = dict(lora or {})
-        for comp in lora:
-            if comp not in models:
-                raise ConfigError(f"the pipeline has no component {comp!r} for the LoRA (it has {', '.join(models)})")
-        out = []
-        with contextlib.ExitStack() as stack:
-            for comp, weights in lora.items():
-                stack.enter_context(apply_lora(models[comp], weights, mode="merged", scale=guidance.lora_scale))
-            for i in range(0, len(prompts), self.batch_size):
-                chunk, chunk_seeds = list(prompts[i : i + self.batch_size]), seeds[i : i + self.batch_size]
-                generators = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk_seeds]
-                images = self.pipe(prompt=chunk, num_inference_steps=self.steps, guidance_scale=guidance.guidance_scale, generator=generators,
-                                   height=self.resolution, width=self.resolution, output_type="pt").images
-                out.append(images.float().cpu() * 2 - 1)  # [0, 1] → [-1, 1]
-        return torch.cat(out).clamp(-1, 1)

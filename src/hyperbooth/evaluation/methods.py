@@ -1,16 +1,23 @@
-"""Personalization methods under evaluation: ``method.generate(subject, prompt, seeds)`` → images.
+"""What ``hyperbooth eval`` evaluates: ``method.generate(subject, prompt, seeds)`` → images.
 
 A :class:`Method` maps (a subject's reference photos, a DreamBench prompt) to images; write a subclass to evaluate
-any other method. The ones here sample a :class:`~hyperbooth.evaluation.backends.Backend`:
+anything else (``run_eval(cfg, ..., method=...)``). The ones here sample a
+:class:`~hyperbooth.evaluation.backends.Backend`; ``method.kind`` in the config picks one:
 
-- :class:`BaseModelMethod` (``base``): the floor, no personalization: the base model with the class prompt
-  (``"a backpack in the jungle"``).
-- :class:`HypernetMethod` (``hypernet``): an e2e hypernetwork folder predicts a LoRA from the photos in one pass;
-  the model samples the rare-token prompt (``"a sks backpack in the jungle"``) with it.
-- :class:`LoRAFolderMethod` (``lora_folder``): ``<folder>/<subject name>.safetensors`` per subject (e.g. DreamBooth-
-  LoRA fine-tuned per subject: the ceiling baseline), diffusers or kohya layout.
+- ``base`` (:class:`BaseModelMethod`): the floor, no personalization: the base model with the class prompt
+  (``"a backpack in the jungle"``), with CFG.
+- ``lora_folder`` (:class:`LoRAFolderMethod`): ``<folder>/<subject name>.safetensors`` per subject (e.g. DreamBooth-LoRA
+  fine-tuned per subject elsewhere), diffusers or kohya layout.
+- ``personalizer`` (:class:`PersonalizerMethod`): any registered method's folder (``method.path``, loaded by
+  :func:`hyperbooth.methods.load`: the method is read from the folder).
+- a registered method's name (``hyperbooth.methods.METHODS``, e.g. ``dreambooth-lora``): with ``method.path`` its
+  folder (of that method), else built from its config (``method.options``, the fields of its config class) — for a
+  method with nothing trained ahead, such as the per-subject fine-tune.
 
-LoRA methods compute a subject's LoRA once (``personalize``) and time it.
+Personalized methods sample the rare-token prompt (``"a sks backpack in the jungle"``) with the subject's LoRA, which
+they compute once per subject (``personalize``) through the Personalizer interface, timed as the world table times it
+(:func:`hyperbooth.world.personalization.personalize_subjects`: after an untimed warm-up call, or by the method's own
+clock, e.g. a fine-tune's ``seconds_per_subject``). A new method needs no change here.
 """
 
 from __future__ import annotations
@@ -18,18 +25,29 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.config import config_from_dict
+from hyperbooth.errors import CheckpointError, ConfigError, LoRAFileError
 from hyperbooth.evaluation.backends import Backend, Guidance
 from hyperbooth.evaluation.dreambench import EvalPrompt, Subject
+from hyperbooth.lora.io import load_lora
+from hyperbooth.lora.weights import LoRAWeights
+from hyperbooth.methods import METHODS, Personalizer, get, load
+from hyperbooth.world.personalization import personalize_subjects
 
 log = logging.getLogger(__name__)
 
-METHODS = ("base", "hypernet", "lora_folder")
+#: ``method.kind`` values besides the registered methods' names.
+KINDS = ("base", "lora_folder", "personalizer")
+
+
+def method_kinds() -> tuple[str, ...]:
+    """Every ``method.kind`` accepted now: :data:`KINDS` and each registered method's name."""
+    return (*KINDS, *sorted(METHODS))
 
 
 class Method(ABC):
@@ -53,15 +71,18 @@ class Method(ABC):
 
 
 class BaseModelMethod(Method):
-    """The floor: the frozen base model, class prompt, no personalization."""
+    """The floor: the frozen base model, class prompt, no personalization, CFG (HM-CFG needs a personalized model:
+    asking it for the floor is an error, not a silent switch)."""
 
     name = "base"
 
     def __init__(self, backend: Backend, guidance: Guidance = Guidance()):
+        if guidance.guidance != "cfg":
+            raise ConfigError(f"the floor (method.kind=base) samples the base model with CFG; guidance {guidance.guidance!r} needs a personalized model")
         self.backend, self.guidance = backend, guidance
 
     def describe(self) -> str:
-        return f"floor: the base model with the class prompt (no personalization), CFG {self.guidance.guidance_scale}"
+        return f"floor: the base model with the class prompt (no personalization), {self.guidance.describe()}"
 
     def generate(self, subject, prompt, seeds):
         text = self.prompt_text(subject, prompt)
@@ -74,18 +95,23 @@ class LoRAMethod(Method):
     def __init__(self, backend: Backend, guidance: Guidance = Guidance(), token: str = "sks"):
         self.backend, self.guidance, self.token = backend, guidance, token
         self._subject: str | None = None
-        self._lora: dict | None = None
+        self._lora: dict[str, LoRAWeights] | None = None
 
     @abstractmethod
-    def lora_for(self, subject: Subject) -> dict:
-        """Component → LoRAWeights (one subject)."""
+    def lora_for(self, subject: Subject) -> tuple[dict[str, LoRAWeights], float | None]:
+        """(component → LoRAWeights of one subject, seconds by the method's own clock or None for the wall time)."""
 
     def personalize(self, subject: Subject) -> float:
         t0 = time.perf_counter()
         self._subject, self._lora = None, None
-        lora = self.lora_for(subject)
+        lora, seconds = self.lora_for(subject)
+        spent = time.perf_counter() - t0 if seconds is None else seconds
+        models = self.backend.models()
+        extra = set(lora) - set(models)
+        if extra:
+            raise ConfigError(f"the LoRA of {subject.name} targets {', '.join(sorted(extra))}, which the {self.backend.name} backend lacks (it has {', '.join(models)})")
         self._subject, self._lora = subject.name, lora
-        return time.perf_counter() - t0
+        return spent
 
     def prompt_text(self, subject, prompt):
         return prompt.personalized(self.token, subject.class_name)
@@ -96,36 +122,34 @@ class LoRAMethod(Method):
         text = self.prompt_text(subject, prompt)
         return self.backend.generate([text] * len(seeds), list(seeds), lora=self._lora, guidance=self.guidance)
 
-    def _guidance_text(self) -> str:
-        g = self.guidance
-        if g.guidance == "hm-cfg":
-            return f"HM-CFG w_base={g.w_base} w_pers={g.w_pers}"
-        return f"CFG {g.guidance_scale}"
 
+class PersonalizerMethod(LoRAMethod):
+    """Any :class:`~hyperbooth.methods.base.Personalizer`: ``personalize(references, backbone, class_names)`` gives
+    the subject's LoRA (class names passed where the method ``needs_class_names``)."""
 
-class HypernetMethod(LoRAMethod):
-    name = "hypernet"
-
-    def __init__(self, backend: Backend, path: str, guidance: Guidance = Guidance(), token: str = "sks"):
-        from hyperbooth.methods.e2e import E2EHyperNetwork
-
+    def __init__(self, backend: Backend, personalizer: Personalizer, guidance: Guidance = Guidance(), token: str = "sks",
+                 source: str | None = None):
         super().__init__(backend, guidance, token)
-        if not path or not Path(path).is_dir():
-            raise CheckpointError(f"hypernetwork folder {str(path)!r} does not exist (method.path)")
-        self.path = Path(path)
-        self.hypernet = E2EHyperNetwork.from_pretrained(self.path).to(next(backend.models()["unet"].parameters()).device)
+        personalizer.check_backbone(backend.backbone, source)
+        self.personalizer = personalizer.to(backend.backbone.device).eval()
+        self.name = personalizer.method
+        self.source = source
 
     def describe(self) -> str:
-        return f"e2e hypernetwork {self.path}: one forward pass from the reference photos to a LoRA; {self._guidance_text()}"
+        where = f" from {self.source}" if self.source else ""
+        return f"{self.name} personalizer{where} (through the Personalizer interface); {self.guidance.describe()}"
 
     @torch.no_grad()
     def lora_for(self, subject):
-        device = next(self.hypernet.parameters()).device
-        weights = self.hypernet(subject.images[None].to(device))  # (1, k, 3, H, W) → one subject
-        return {"unet": weights}
+        """The world table's step (:func:`~hyperbooth.world.personalization.personalize_subjects`) for one subject:
+        its time after an untimed warm-up call, or the method's own clock."""
+        weights, ms = personalize_subjects(self.personalizer, subject.images[None], [subject.class_name], self.backend.backbone)
+        return weights, ms / 1e3
 
 
 class LoRAFolderMethod(LoRAMethod):
+    """``<path>/<subject name>.safetensors`` per subject."""
+
     name = "lora_folder"
 
     def __init__(self, backend: Backend, path: str, guidance: Guidance = Guidance(), token: str = "sks"):
@@ -135,12 +159,9 @@ class LoRAFolderMethod(LoRAMethod):
         self.path = Path(path)
 
     def describe(self) -> str:
-        return f"a LoRA file per subject from {self.path} (<subject>.safetensors); {self._guidance_text()}"
+        return f"a LoRA file per subject from {self.path} (<subject>.safetensors); {self.guidance.describe()}"
 
     def lora_for(self, subject):
-        from hyperbooth.errors import LoRAFileError
-        from hyperbooth.lora import load_lora
-
         file = self.path / f"{subject.name}.safetensors"
         if not file.is_file():
             raise LoRAFileError(f"{file}: no LoRA file for subject {subject.name!r}")
@@ -149,14 +170,40 @@ class LoRAFolderMethod(LoRAMethod):
         extra = set(loaded.components) - set(models)
         if extra:
             raise LoRAFileError(f"{file}: components {', '.join(sorted(extra))} are not in the model (it has {', '.join(models)})")
-        return dict(loaded.components)
+        return dict(loaded.components), None
 
 
-def build_method(kind: str, backend: Backend, path: str | None = None, guidance: Guidance = Guidance(), token: str = "sks") -> Method:
+def build_personalizer(kind: str, path: str | None, options: Mapping, backend: Backend) -> tuple[Personalizer, str]:
+    """The personalizer ``method.kind`` / ``method.path`` / ``method.options`` name, and where it came from.
+
+    ``personalizer``: the folder's method; a registered name: its folder (checked to hold that method) or, without a
+    folder, a new instance from its config (``options``), for methods with nothing trained ahead."""
+    if kind == "personalizer":
+        if not path:
+            raise ConfigError("method.kind=personalizer needs method.path (a personalizer folder of any registered method)")
+        return load(path), str(path)
+    cls = get(kind, what="method.kind")
+    if path:
+        if options:
+            raise ConfigError(f"method.options configure a new {kind} personalizer; a folder (method.path={path}) brings its own config")
+        personalizer = load(path)
+        if personalizer.method != kind:
+            raise CheckpointError(f"method.path={path} holds a {personalizer.method!r} personalizer, not {kind!r} (method.kind)")
+        return personalizer, str(path)
+    if cls.trainable:
+        raise ConfigError(f"method {kind!r} is trained ahead: give its folder (method.path=...)")
+    config = config_from_dict(cls.config_class, dict(options), source="method.options")
+    return cls.for_backbone(config, backend.backbone), f"{kind} with {dict(options) or 'its default config'}"
+
+
+def build_method(kind: str, backend: Backend, path: str | None = None, guidance: Guidance = Guidance(), token: str = "sks",
+                 options: Mapping | None = None) -> Method:
+    """The method ``method.kind`` names (see the module docstring)."""
     if kind == "base":
         return BaseModelMethod(backend, guidance)
-    if kind == "hypernet":
-        return HypernetMethod(backend, path, guidance, token)
     if kind == "lora_folder":
         return LoRAFolderMethod(backend, path, guidance, token)
-    raise ConfigError(f"unknown method {kind!r}; choose one of {', '.join(METHODS)}")
+    if kind not in method_kinds():
+        raise ConfigError(f"method.kind={kind!r} is not one of {', '.join(method_kinds())}")
+    personalizer, source = build_personalizer(kind, path, options or {}, backend)
+    return PersonalizerMethod(backend, personalizer, guidance, token, source)

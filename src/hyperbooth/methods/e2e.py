@@ -11,7 +11,8 @@ layer's factors by a linear head shared by all layers of the same shape ``(d_in,
 heads. Several reference images per subject are combined by averaging their tokens before the decoder
 (``multi_reference="tokens"``) or by averaging the predicted ΔW (``"mean_delta"``, exact, rank k·r).
 
-Trained end to end through the frozen UNet with ``‖ε − ε̂‖² + λ · Σ_l ‖ΔW_l‖²_F`` (see ``train/hyper.py``).
+Trained end to end through the frozen UNet with ``‖ε − ε̂‖² + λ · Σ_l ‖ΔW_l‖²_F`` (:meth:`E2EHyperNetwork.training_loss`,
+run by ``hyperbooth train``, :mod:`hyperbooth.train.engine`).
 """
 
 from __future__ import annotations

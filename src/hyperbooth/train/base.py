@@ -1,7 +1,9 @@
 """Training the embedded world's text-to-image base model (``hyperbooth train-base``).
 
 Reads top to bottom: config → model, text encoder, data → loop (render a batch, noise it, predict, Min-SNR MSE,
-AdamW, EMA) → atomic checkpoints → the exported diffusers model folder (EMA weights, fp16 safetensors).
+AdamW, EMA) → atomic checkpoints → the exported diffusers model folder (EMA weights, fp16 safetensors). The
+noising, targets and loss weights are :mod:`hyperbooth.diffusion`'s, the optimizer and schedule
+:mod:`hyperbooth.train.optim`'s and the EMA :mod:`hyperbooth.train.ema`'s, shared with ``hyperbooth train``.
 
 Data order is a function of the step (sample ``i`` of step ``s`` is dataset index ``s · B + i``) and the noise
 comes from one seeded generator whose state is checkpointed, so ``--resume`` continues the exact run.
@@ -16,13 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from hyperbooth.devices import resolve_device
 from hyperbooth.config import save_config, to_dict
-from hyperbooth.diffusion import PREDICTION_TYPES, diffusion_loss, loss_weights, training_target
+from hyperbooth.devices import resolve_device
+from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, PREDICTION_TYPES, diffusion_loss, forward_process, loss_weights
 from hyperbooth.errors import ConfigError
-from hyperbooth.train.ema import EMA
-from hyperbooth.train.state import latest_checkpoint, load_state, save_state, warmup_cosine, write_checkpoint
+from hyperbooth.text import TextEncoder
+from hyperbooth.train.ema import build_ema, load_ema
+from hyperbooth.train.optim import OptimConfig, build_optimizer
+from hyperbooth.train.state import latest_checkpoint, load_state, save_state, write_checkpoint
+from hyperbooth.world.base_model import WORLD_UNET_CONFIG, save_world_model
+from hyperbooth.world.datasets import BaseSampleDataset, PrerenderedDataset
 
 log = logging.getLogger(__name__)
 
@@ -46,34 +56,13 @@ class DiffusionConfig:
     prediction_type: str = "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
-    min_snr_gamma: float = 5.0  # 0 turns Min-SNR weighting off
+    min_snr_gamma: float = DEFAULT_MIN_SNR_GAMMA  # 0 turns Min-SNR weighting off
 
     def validate(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"diffusion.prediction_type={self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
             raise ConfigError(f"diffusion.beta_schedule={self.beta_schedule!r} is not one of linear, scaled_linear, squaredcos_cap_v2")
-
-
-@dataclass
-class OptimConfig:
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    max_steps: int = 5000
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-
-    def validate(self) -> None:
-        for key in ("batch_size", "max_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"optim.{key}={getattr(self, key)} must be at least 1")
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr={self.lr} must be positive")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"optim.ema_decay={self.ema_decay} must be in [0, 1) (0 turns EMA off)")
 
 
 @dataclass
@@ -97,11 +86,7 @@ class BaseTrainConfig:
             raise ConfigError("checkpoint_every and log_every must be at least 1")
 
 
-def build_unet(cfg: BaseTrainConfig):
-    from diffusers import UNet2DConditionModel
-
-    from hyperbooth.world.base_model import WORLD_UNET_CONFIG
-
+def build_unet(cfg: BaseTrainConfig) -> UNet2DConditionModel:
     config = {**WORLD_UNET_CONFIG, **cfg.unet, "sample_size": cfg.data.resolution}
     try:
         return UNet2DConditionModel(**config)
@@ -109,9 +94,7 @@ def build_unet(cfg: BaseTrainConfig):
         raise ConfigError(f"unet config is invalid: {e}") from None
 
 
-def build_scheduler(cfg: DiffusionConfig):
-    from diffusers import DDPMScheduler
-
+def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -133,13 +116,7 @@ class BatchSource:
     """
 
     def __init__(self, cfg: BaseTrainConfig, text_encoder, start_step: int):
-        from torch.utils.data import DataLoader
-
-        from hyperbooth.world.datasets import BaseSampleDataset
-
         b = cfg.optim.batch_size
-        from hyperbooth.world.datasets import PrerenderedDataset
-
         dataset = BaseSampleDataset(split="train", size=cfg.optim.max_steps * b, resolution=cfg.data.resolution, seed=cfg.data.seed)
         indices = range(start_step * b, len(dataset))
         workers = cfg.data.num_workers
@@ -160,10 +137,6 @@ class BatchSource:
 
 def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
     """Train (or resume) and export the base model; returns the exported model folder."""
-    from tqdm.auto import tqdm
-
-    from hyperbooth.text import TextEncoder
-
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -173,13 +146,9 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
 
     unet = build_unet(cfg).to(device).train()
     scheduler = build_scheduler(cfg.diffusion)
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
     text = TextEncoder.minilm(max_length=cfg.data.text_max_length)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio)
-    )
-    ema = EMA(unet, cfg.optim.ema_decay)
+    optimizer, lr_schedule = build_optimizer(unet.parameters(), cfg.optim)
+    ema = build_ema(unet.parameters(), cfg.optim.ema_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     step = 0
 
@@ -187,7 +156,7 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
     if resume and checkpoint is None:
         log.warning("--resume: no checkpoint under %s; starting from step 0", out)
     if checkpoint is not None:
-        step = _load_checkpoint(checkpoint, unet, optimizer, lr_schedule, ema, generator)
+        step = _load_checkpoint(checkpoint, unet, optimizer, lr_schedule, ema, generator, device)
         log.info("resumed from %s at step %d", checkpoint, step)
     save_config(cfg, out / "config.yaml")
     batches = BatchSource(cfg, text, start_step=step)
@@ -208,9 +177,8 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
             images, states, mask = images.to(device), states.to(device), mask.to(device)
             noise = torch.randn(images.shape, generator=generator).to(device)
             t = torch.randint(0, cfg.diffusion.num_train_timesteps, (images.shape[0],), generator=generator).to(device)
-            x_t = scheduler.add_noise(images, noise, t)
-            target = training_target(cfg.diffusion.prediction_type, images, noise, alphas_cumprod, t)
-            weights = loss_weights(cfg.diffusion.prediction_type, alphas_cumprod, t, cfg.diffusion.min_snr_gamma)
+            x_t, target = forward_process(scheduler, images, noise, t)
+            weights = loss_weights(scheduler, t, cfg.diffusion.min_snr_gamma)
             with autocast:
                 pred = unet(x_t, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
             loss = diffusion_loss(pred, target, weights)
@@ -219,7 +187,8 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
             torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             lr_schedule.step()
-            ema.update(unet)
+            if ema is not None:
+                ema.step(unet.parameters())
             step += 1
 
             window_loss += loss.item()
@@ -248,28 +217,27 @@ def _write_checkpoint(folder: Path, cfg, step, unet, optimizer, lr_schedule, ema
         "step": step,
         "optimizer": optimizer.state_dict(),
         "lr_schedule": lr_schedule.state_dict(),
-        "ema": ema.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
         "generator": generator.get_state(),
         "config": to_dict(cfg),
     })
 
 
-def _load_checkpoint(folder: Path, unet, optimizer, lr_schedule, ema, generator) -> int:
-    from safetensors.torch import load_file
-
+def _load_checkpoint(folder: Path, unet, optimizer, lr_schedule, ema, generator, device) -> int:
     state = load_state(folder / "state.pt")
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     unet.load_state_dict(load_file(str(weights)))
     optimizer.load_state_dict(state["optimizer"])
     lr_schedule.load_state_dict(state["lr_schedule"])
-    ema.load_state_dict(state["ema"])
+    if ema is not None and state["ema"] is not None:
+        load_ema(ema, state["ema"], device)
     generator.set_state(state["generator"])
     return int(state["step"])
 
 
-def export_base_model(folder: Path, cfg: BaseTrainConfig, unet, ema: EMA, scheduler) -> Path:
-    """Write the EMA weights as a diffusers model folder (fp16 safetensors) with the resolved config."""
-    from hyperbooth.world.base_model import save_world_model
-
-    ema.copy_to(unet)
+def export_base_model(folder: Path, cfg: BaseTrainConfig, unet, ema, scheduler) -> Path:
+    """Write the EMA weights (the trained ones without EMA) as a diffusers model folder (fp16 safetensors) with the
+    resolved config."""
+    if ema is not None:
+        ema.copy_to(unet.parameters())
     return save_world_model(folder, unet.eval(), scheduler, cfg)

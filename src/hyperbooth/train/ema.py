@@ -1,37 +1,28 @@
-"""Exponential moving average of a model's parameters (Polyak averaging), kept in float32."""
+"""Exponential moving average of the trained parameters (Polyak averaging): diffusers' ``EMAModel``.
+
+After every optimizer step ``θ_ema ← d_k · θ_ema + (1 − d_k) · θ`` with ``d_k = min(decay, k / (9 + k))`` at update
+``k`` (``EMAModel``'s warm-up; ``d_1 = 0``: the first update copies θ). Its ``state_dict`` holds only numbers and a
+list of tensors, so a checkpoint holding it loads with ``torch.load(weights_only=True)`` and a resumed run continues
+it exactly.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
-from torch import nn
+from diffusers.training_utils import EMAModel
 
 
-class EMA:
-    """``θ_ema ← d · θ_ema + (1 − d) · θ`` after every optimizer step, with warm-up ``d_k = min(d, (1 + k) / (10 + k))``."""
+def build_ema(params: Iterable[torch.nn.Parameter], decay: float) -> EMAModel | None:
+    """An ``EMAModel`` over ``params`` (pass only the trained ones: a frozen encoder needs no shadow copy);
+    ``decay = 0`` → None (no EMA)."""
+    if decay <= 0:
+        return None
+    return EMAModel(list(params), decay=decay)
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.num_updates = 0
-        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
 
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for name, p in model.named_parameters():
-            if name in self.shadow:
-                self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for name, p in model.named_parameters():
-            if name in self.shadow:
-                p.copy_(self.shadow[name].to(p.dtype))
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        self.num_updates = state["num_updates"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+def load_ema(ema: EMAModel, state: dict, device: torch.device | str) -> None:
+    """Restore a checkpointed ``EMAModel.state_dict()`` onto ``device``."""
+    ema.load_state_dict(state)
+    ema.to(device=device)

@@ -1,4 +1,4 @@
-"""Training checkpoints written atomically, and the learning-rate schedule.
+"""Training checkpoints written atomically.
 
 A checkpoint is a folder ``<out>/checkpoints/step-<N>/`` written under a temporary name and renamed when complete;
 ``<out>/checkpoints/latest`` (replaced atomically) names the newest one. An interrupted run therefore always finds
@@ -8,7 +8,6 @@ a complete checkpoint to resume from, and nothing already written is lost. State
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -16,14 +15,6 @@ from pathlib import Path
 import torch
 
 from hyperbooth.errors import CheckpointError
-
-
-def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def write_checkpoint(out_dir: Path, step: int, write_fn, keep: int = 2) -> Path:

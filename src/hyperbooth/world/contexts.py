@@ -37,6 +37,9 @@ BACKGROUND_NAMES: tuple[str, ...] = ("none", *BACKGROUNDS)
 RECOLORS: tuple[str, ...] = ("none", *RECOLOR_WORDS)
 ACCESSORIES: tuple[str, ...] = ("none", *ACCESSORY_PHRASES)
 
+#: The context types a prompt can belong to (a combination belongs to each of its parts; none named: ``plain``).
+CONTEXT_TYPES: tuple[str, ...] = ("plain", "background", "recolor", "accessory")
+
 TEMPLATES: tuple[str, ...] = ("{}", "a photo of {}", "a picture of {}")
 RARE_TOKEN = "sks"
 
@@ -63,6 +66,12 @@ class Context:
         _check(self.background, BACKGROUNDS, "background")
         _check(self.recolor, RECOLOR_WORDS, "recolor")
         _check(self.accessory, ACCESSORY_PHRASES, "accessory")
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The :data:`CONTEXT_TYPES` this context belongs to: each attribute it names, else ``("plain",)``."""
+        named = tuple(t for t, v in (("background", self.background), ("recolor", self.recolor), ("accessory", self.accessory)) if v is not None)
+        return named or ("plain",)
 
     @classmethod
     def parse(cls, name: str) -> Context:

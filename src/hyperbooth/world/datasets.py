@@ -77,7 +77,7 @@ class BaseSampleDataset(Dataset):
 
 
 class PersonalizationPairDataset(Dataset):
-    """(k reference images of an identity, a target image of it, the rare-token prompt of the target).
+    """(k reference images of an identity, a target image of it, the rare-token prompt of the target, its class).
 
     - ``mode="cross"``: references in random backgrounds (own colours, no hat) and poses; the target in a new
       random context and pose.
@@ -112,6 +112,7 @@ class PersonalizationPairDataset(Dataset):
             "references": torch.stack([to_tensor(r) for r in refs]),  # (k, 3, H, W)
             "target": to_tensor(target),  # (3, H, W)
             "prompt": ctx.prompt_for(identity.class_name, context, token=self.token, paraphrase=int(rng.integers(len(ctx.TEMPLATES)))),
+            "class_name": identity.class_name,
             "identity": identity.seed,
             "labels": labels_of(identity.class_name, context),
         }

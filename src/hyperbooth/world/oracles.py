@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from torch import nn
 
 from hyperbooth.errors import CheckpointError
 from hyperbooth.files import atomic_write
+from hyperbooth.train.optim import cosine_schedule
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world.datasets import labels_of, sample_context
 from hyperbooth.world.identity import identity_class
@@ -160,10 +160,6 @@ class OracleTrainConfig:
     seed: int = 0
 
 
-def _cosine_lr(optimizer, steps):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-
-
 def info_nce_loss(model: nn.Module, pool: torch.Tensor, batch_identities: int, temperature: float, gen: torch.Generator) -> torch.Tensor:
     """InfoNCE (Oord et al. 2018) over two augmented views of ``batch_identities`` identities drawn from
     ``pool (M, V, 3, H, W)``; ``model`` maps images to unit embeddings. The positive of a view is the other view."""
@@ -187,7 +183,7 @@ def train_identity_encoder(cfg: OracleTrainConfig, progress: bool = True) -> Ide
     pool = identity_views(seeds, cfg.pool_views, rng).view(len(seeds), cfg.pool_views, 3, 32, 32)  # (M, V, 3, H, W)
     model = IdentityEncoder().train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = _cosine_lr(opt, cfg.steps)
+    sched = cosine_schedule(opt, warmup=0, total=cfg.steps, min_ratio=0.0)  # plain cosine to 0
     for _ in tqdm(range(cfg.steps), desc="identity oracle", disable=not progress):
         loss = info_nce_loss(model, pool, cfg.batch_identities, cfg.temperature, gen)
         opt.zero_grad(set_to_none=True)
@@ -207,7 +203,7 @@ def train_context_classifier(cfg: OracleTrainConfig, progress: bool = True) -> C
     images, labels = context_batch(list(identity_seeds("train", cfg.pool_contexts, start=10**6)), rng)
     model = ContextClassifier().train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = _cosine_lr(opt, cfg.steps)
+    sched = cosine_schedule(opt, warmup=0, total=cfg.steps, min_ratio=0.0)  # plain cosine to 0
     for _ in tqdm(range(cfg.steps), desc="context oracle", disable=not progress):
         idx = torch.randperm(len(images), generator=gen)[: cfg.batch_size]
         logits = model(augment(images[idx], gen))

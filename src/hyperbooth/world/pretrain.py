@@ -14,7 +14,6 @@ It is not the oracle: another architecture (token grid, no pooling inside), anot
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 
 from hyperbooth.encoders import WORLD_ENCODER_WEIGHTS, WorldImageEncoder
 from hyperbooth.files import atomic_write
+from hyperbooth.train.optim import cosine_schedule
 
 
 @dataclass
@@ -69,7 +69,7 @@ def pretrain_world_encoder(cfg: EncoderPretrainConfig, progress: bool = True) ->
     pool = identity_views(seeds, cfg.pool_views, rng).view(len(seeds), cfg.pool_views, 3, 32, 32)  # (M, V, 3, H, W)
     model = _Contrastive(WorldImageEncoder(dim=cfg.dim, width=cfg.width), cfg.dim).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    sched = cosine_schedule(opt, warmup=0, total=cfg.steps, min_ratio=0.0)  # plain cosine to 0
     for _ in tqdm(range(cfg.steps), desc="world encoder", disable=not progress):
         loss = info_nce_loss(model, pool, cfg.batch_identities, cfg.temperature, gen)
         opt.zero_grad(set_to_none=True)

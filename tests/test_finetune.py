@@ -122,6 +122,15 @@ def test_init_starts_from_the_given_lora_and_leaves_it_unchanged(base, refs):
         finetune(base, refs, "toy", FinetuneConfig(steps=1), init=foreign)
 
 
+def test_trained_factors_stay_float32_on_a_bf16_backbone(tiny_world_model, refs):
+    """A LoRA trained in bf16 would lose lr-1e-4 updates to rounding: the factors are fp32, cast in the forward."""
+    half = WorldBackbone.from_pretrained(tiny_world_model, dtype=torch.bfloat16)
+    weights, stats = finetune(half, refs[:1], "toy", FinetuneConfig(steps=2, lr=1e-4, seed=0))
+    assert all(layer.A.dtype == layer.B.dtype == torch.float32 for layer in weights.values())
+    assert any(layer.B.abs().max() > 0 for layer in weights.values())  # B left zero: the updates were applied
+    assert half.unet.dtype == torch.bfloat16 and all(math.isfinite(x) for x in stats.losses)
+
+
 def test_loss_decreases_on_one_image(base, refs):
     snapshots = {}
     cfg = FinetuneConfig(steps=20, lr=1e-2, flip_p=0.0, seed=1)  # a high lr: the tiny base model is nearly random

@@ -21,11 +21,11 @@ from torch import nn
 
 from hyperbooth.backbones.base import Backbone
 from hyperbooth.errors import ConfigError, LoRAFileError
-from hyperbooth.files import files_digest
 from hyperbooth.images import image_files, load_image
 from hyperbooth.lora.io import load_lora
 from hyperbooth.lora.weights import LoRAWeights, combine
 from hyperbooth.methods import SHIPPED_E2E, Personalizer, load
+from hyperbooth.methods.base import weights_digest
 
 
 def personalizer_folder(folder: str | os.PathLike | None = None) -> Path:
@@ -65,8 +65,7 @@ def lora_provenance(personalizer: Personalizer, backbone: Backbone, folder: str 
     extra = {"hyperbooth.backbone": backbone.name}
     if folder is not None:
         folder = Path(folder)
-        weights = sorted(p for p in folder.glob("*.safetensors"))
-        extra["hyperbooth.hypernet"] = folder.name + (f" sha256:{files_digest(weights)}" if weights else "")
+        extra["hyperbooth.hypernet"] = f"{folder.name} sha256:{weights_digest(folder)}"
     return {"method": personalizer.method, "base_model": backbone.path.name, "extra_metadata": extra}
 
 

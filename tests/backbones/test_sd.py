@@ -113,12 +113,14 @@ def test_hm_cfg_one_call_equals_three_separate_unet_evaluations(sd):
 @pytest.mark.parametrize("guidance", ["cfg", "hm-cfg"])
 def test_per_sample_rows_of_several_subjects_equal_separate_runs(sd, guidance):
     """Prompt i with subject i in one batch = the run where subject i serves every prompt, row i (same noise)."""
-    w = _unet_lora(sd, 2, std=0.3)
-    both = generate(sd, PROMPTS, w, guidance=guidance, steps=3, seed=1)
-    for i in range(2):
-        alone = generate(sd, PROMPTS, w.select(i), guidance=guidance, steps=3, seed=1)  # one subject (merged under CFG)
-        torch.testing.assert_close(both[i], alone[i], rtol=0, atol=1e-5)
-    assert (both[1] - generate(sd, PROMPTS, w.select(0), guidance=guidance, steps=3, seed=1)[1]).abs().max() > 1e-2
+    for w in (_unet_lora(sd, 2, std=0.3), {"unet": _unet_lora(sd, 2, std=0.3), "text_encoder": _text_lora(sd, 2)}):
+        both = generate(sd, PROMPTS, w, guidance=guidance, steps=3, seed=1)
+        one = {c: x.select(0) for c, x in w.items()} if isinstance(w, dict) else w.select(0)
+        for i in range(2):
+            alone = generate(sd, PROMPTS, {c: x.select(i) for c, x in w.items()} if isinstance(w, dict) else w.select(i),
+                             guidance=guidance, steps=3, seed=1)  # one subject (merged under CFG)
+            torch.testing.assert_close(both[i], alone[i], rtol=0, atol=1e-5)
+        assert (both[1] - generate(sd, PROMPTS, one, guidance=guidance, steps=3, seed=1)[1]).abs().max() > 1e-2
 
 
 def test_text_encoder_lora_conditions_only_the_personalized_rows(sd):

@@ -170,6 +170,7 @@ def test_two_processes_give_the_same_update_as_one(tiny_world_model, tmp_path):
 @dataclass
 class ToyConfig:
     scale: float = 0.5
+    noise: float = 0.0  # std of noise drawn from the global RNG inside the loss (as dropout would)
 
     def validate(self):
         if self.scale <= 0:
@@ -194,6 +195,8 @@ class ToyEngineMethod(methods.Personalizer):
 
     def training_loss(self, batch, backbone):
         weights = self(batch.references)
+        if self.config.noise:
+            weights = weights.map(lambda l: LoRALayer(l.A + self.config.noise * torch.randn_like(l.A), l.B, l.alpha))
         with backbone.apply_lora(weights, mode="per_sample"):
             pred = backbone.denoise(batch.x_t, batch.t, batch.cond)
         loss = diffusion_loss(pred, batch.target, batch.loss_weights)
@@ -217,3 +220,20 @@ def test_any_registered_method_trains_and_logs_its_own_scalars(tiny_world_model,
     assert type(loaded) is ToyEngineMethod and loaded.config.scale == 2.0
     assert json.loads((folder / CONFIG_NAME).read_text())["train_config"]["method"] == "toy-engine-test"
     assert load_train_config(tmp_path / "config.yaml") == cfg  # the resolved config, saved beside the run
+
+
+def test_resume_is_exact_for_a_method_that_draws_from_the_global_rng(tiny_world_model, tmp_path):
+    """A method's own random draws (dropout, noise) in its loss come from the global RNG, seeded per step: a resumed
+    run repeats them."""
+    args = ["method=toy-engine-test", "hypernet.noise=0.5", f"base_model={tiny_world_model}", "optim.batch_size=2", "optim.max_steps=3",
+            "optim.warmup_steps=1", "optim.lr=0.1", "data.num_workers=0", "log_every=1", "checkpoint_every=1"]
+    full = train(load_train_config(None, [*args, f"out_dir={tmp_path / 'full'}"]))
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full", part)
+    shutil.rmtree(part / "hypernet")
+    shutil.rmtree(part / "checkpoints" / "step-0000003")
+    (part / "checkpoints" / "latest").write_text("step-0000002")
+    torch.manual_seed(12345)  # whatever the global RNG holds when the resumed run starts
+    resumed = train(load_train_config(None, [*args, f"out_dir={part}"]), resume=True)
+    assert torch.equal(methods.load(full).gain, methods.load(resumed).gain)
+    assert _losses(part)[3] == _losses(tmp_path / "full")[3]

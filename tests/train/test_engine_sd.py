@@ -111,11 +111,17 @@ def plain_run(tiny_sd, tiny_clip, subject_folder, tmp_path):
     return args, _weights(train(load_train_config(None, [*args, f"out_dir={tmp_path / 'plain'}"])))
 
 
-def test_gradient_checkpointing_gives_the_same_update(tiny_sd, plain_run, tmp_path):
+def test_gradient_checkpointing_gives_the_same_update(tiny_sd, plain_run, tmp_path, monkeypatch):
+    from hyperbooth.train import engine
+
     args, a = plain_run
     backbone = load_backbone(tiny_sd)
+    during = []
+    original = engine.enable_gradient_checkpointing
+    monkeypatch.setattr(engine, "enable_gradient_checkpointing", lambda unet: (original(unet), during.append(unet.is_gradient_checkpointing)))
     checkpointed = train(load_train_config(None, [*args, "gradient_checkpointing=true", f"out_dir={tmp_path / 'ckpt'}"]), backbone=backbone)
-    assert backbone.unet.is_gradient_checkpointing
+    assert during == [True]  # the run checkpointed the UNet's blocks …
+    assert not backbone.unet.is_gradient_checkpointing  # … and handed the caller's backbone back as it came
     b = _weights(checkpointed)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert any(a[k].abs().sum() > 0 for k in a if k.startswith("head_B"))

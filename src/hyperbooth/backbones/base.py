@@ -169,9 +169,10 @@ class Backbone(ABC):
             module.to(device=device, dtype=dtype)
         return self
 
-    def target_shapes(self, targets: Mapping[str, Sequence[str]] | Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
-        """UNet module name → ``(d_in, d_out)`` of the LoRA targets (``targets``: patterns; default the backbone's)."""
-        patterns = targets if targets is not None else self.default_targets["unet"]
+    def target_shapes(self, targets: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
+        """UNet module name → ``(d_in, d_out)`` of the LoRA targets (``targets``: patterns; None or empty: the
+        backbone's :attr:`default_targets`)."""
+        patterns = tuple(targets or ()) or self.default_targets["unet"]
         return module_target_shapes(self.unet, patterns)
 
     @contextmanager

@@ -52,7 +52,7 @@ class StableDiffusionBackbone(Backbone):
 
         try:
             pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        except Exception as e:  # a damaged or foreign folder (transformers/safetensors raise many types): name it
             raise CheckpointError(f"Stable Diffusion pipeline folder {str(path)!r} cannot be loaded ({type(e).__name__}: {e})") from None
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), path)
@@ -86,20 +86,21 @@ class StableDiffusionBackbone(Backbone):
 
     def encode_prompts(self, prompts: Sequence[str], lora: LoRAWeights | None = None) -> Conditioning:
         """CLIP token states ``(B, 77, d)``; no attention mask (SD attends to the padding, as its pipeline does).
-        ``lora``: a text-encoder LoRA, one subject for every prompt or one per prompt."""
+        ``lora``: a text-encoder LoRA of N subjects, prompt ``i`` with subject ``i mod N`` (one for every prompt, one
+        per prompt, or one per prompt of each CFG half)."""
         prompts = list(prompts)
         if lora is None:
             states = self._text_states(prompts)
         else:
-            if lora.num_subjects not in (1, len(prompts)):
-                raise ConfigError(f"{len(prompts)} prompts but the text-encoder LoRA holds {lora.num_subjects} subjects")
+            if len(prompts) % lora.num_subjects:
+                raise ConfigError(f"{len(prompts)} prompts but the text-encoder LoRA holds {lora.num_subjects} subjects (prompt i takes subject i mod N)")
             with LoRAInjector(self.text_encoder).apply(lora, mode="per_sample"):
                 states = self._text_states(prompts)
         return Conditioning(states.to(device=self.device, dtype=self.dtype))
 
     def to_model(self, images: torch.Tensor) -> torch.Tensor:
         latents = self.vae.encode(images.to(device=self.vae.device, dtype=self.vae.dtype)).latent_dist.mean
-        return latents * self.vae.config.scaling_factor
+        return (latents * self.vae.config.scaling_factor).to(self.device)  # where the denoiser runs (the VAE may be elsewhere)
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(x.to(self.vae.dtype) / self.vae.config.scaling_factor).sample

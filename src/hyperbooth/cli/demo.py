@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
     base = load_backbone(args.model)  # each raises CheckpointError naming the file and the fix
     hypernet = load_personalizer(args.hypernet)
+    hypernet.check_backbone(base, source=args.hypernet)  # one built for another model is refused before anything is written
     oracles = Oracles.load(args.oracles)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "hyperbooth.finetune_config": json.dumps(asdict(cfg)),
         "hyperbooth.instance_prompt": instance_prompt(args.class_name, cfg.token),
-        "hyperbooth.finetune_seconds": f"{stats.seconds:.2f}",
+        "hyperbooth.finetune_seconds": f"{stats.seconds:.4f}",
+        "hyperbooth.backbone": base.name,
     }
     save_lora(out, weights, args.format, models={"unet": base.unet}, method=METHOD, base_model=str(base.path.name), extra_metadata=meta)
     print(f"wrote {out} ({args.format} layout, {len(weights)} modules, rank {cfg.rank}); {cfg.steps} steps on "

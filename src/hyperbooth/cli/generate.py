@@ -20,9 +20,10 @@ from hyperbooth.errors import ConfigError
 from hyperbooth.files import check_writable
 from hyperbooth.generate import check_finite, generate
 from hyperbooth.grids import captioned_grid, to_uint8, write_pngs
+from hyperbooth.images import image_files, load_image
 from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, GUIDANCE, parse_interval
 from hyperbooth.lora.io import load_lora
-from hyperbooth.personalize import load_personalizer, load_references, mix_loras, parse_mix, personalize, personalizer_folder
+from hyperbooth.personalize import load_personalizer, mix_loras, parse_mix, personalize, personalizer_folder
 from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
 
 
@@ -101,14 +102,16 @@ def run(args: argparse.Namespace) -> int:
     folder, grid_path = output_paths(args.out)
     mix = parse_mix(args.mix) if args.mix else None
     device = resolve_device(args.device, "--device")
-    refs = load_references(args.images, 8) if args.images else None  # every file checked before a model loads
-    personalizer = load_personalizer(args.hypernet, device=device) if refs is not None else None  # its config names its method
+    files = image_files(args.images) if args.images else None
+    for f in files or ():  # every file checked before a model loads
+        load_image(f)
+    personalizer = load_personalizer(args.hypernet, device=device) if files else None  # its config names its method
     backbone = load_backbone(args.model, device=device, dtype=DTYPES[args.dtype])
     weights, subject = None, "base model (CFG)"
     if personalizer is not None:
         personalizer.check_backbone(backbone, source=personalizer_folder(args.hypernet))  # before any work: the folder is named
-        weights, ms = personalize(args.images, personalizer, backbone, args.class_name)
-        subject = f"{len(refs)} reference image(s), {personalizer.method} {ms:.1f} ms"
+        weights, ms = personalize(files, personalizer, backbone, args.class_name)
+        subject = f"{len(files)} reference image(s), {personalizer.method} {ms:.1f} ms"
     elif args.lora:
         loaded = load_lora(args.lora, backbone.components)
         weights, subject = loaded.components, str(args.lora)

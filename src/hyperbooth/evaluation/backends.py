@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from hyperbooth.backbones import Backbone, WorldBackbone, load_backbone
-from hyperbooth.devices import DTYPES, resolve_device
+from hyperbooth.devices import resolve_device, resolve_dtype
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.evaluation.dreambench import EvalPrompt, PromptSet, Subject, load_subjects, parse_prompts_file
 from hyperbooth.generate import generate
@@ -157,7 +157,7 @@ class WorldBackend(Backend):
                  num_subjects: int = 8, references: int = 3, prompts_file: str | None = None, seed: int = 0, dtype: str = "float32"):
         if model not in (None, "") and not Path(model).is_dir():
             raise CheckpointError(f"world base model folder {str(model)!r} does not exist")
-        self.backbone = WorldBackbone.from_pretrained(model or None, device=resolve_device(device), dtype=DTYPES[dtype])
+        self.backbone = WorldBackbone.from_pretrained(model or None, device=resolve_device(device), dtype=resolve_dtype(dtype, "backend.dtype"))
         self.steps, self.scheduler, self.seed = steps, scheduler, seed
         self.num_subjects, self.references = num_subjects, references
         self._prompts = world_prompts(parse_prompts_file(prompts_file) if prompts_file else None)
@@ -189,15 +189,13 @@ class DiffusersBackend(Backend):
     name = "diffusers"
 
     def __init__(self, model: str, dataset: str, prompts_file: str | None = None, subjects: Sequence[str] = (), reference_size: int = 512,
-                 device: str = "auto", dtype: str = "float32", steps: int = 50, scheduler: str = "ddim", resolution: int = 0):
+                 device: str = "auto", dtype: str = "float32", steps: int = DEFAULT_STEPS, scheduler: str = DEFAULT_SCHEDULER, resolution: int = 0):
         if not model:
             raise ConfigError("backend.model must name a diffusers pipeline folder for the diffusers backend")
         folder = Path(model)
         if not (folder / "model_index.json").is_file():
             raise CheckpointError(f"diffusers pipeline folder {str(folder)!r} does not exist or lacks model_index.json")
-        if dtype not in DTYPES:
-            raise ConfigError(f"backend.dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-        self.backbone = load_backbone(folder, device=resolve_device(device), dtype=DTYPES[dtype])
+        self.backbone = load_backbone(folder, device=resolve_device(device), dtype=resolve_dtype(dtype, "backend.dtype"))
         if resolution:
             factor = self.backbone.spatial_factor
             if resolution % factor:

@@ -37,6 +37,7 @@ from hyperbooth.evaluation.dreambench import EvalPrompt, Subject
 from hyperbooth.lora.io import load_lora
 from hyperbooth.lora.weights import LoRAWeights
 from hyperbooth.methods import METHODS, Personalizer, get, load
+from hyperbooth.world.contexts import RARE_TOKEN
 from hyperbooth.world.personalization import personalize_subjects
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class BaseModelMethod(Method):
 class LoRAMethod(Method):
     """A LoRA per subject, applied while the backend samples the rare-token prompt."""
 
-    def __init__(self, backend: Backend, guidance: Guidance = Guidance(), token: str = "sks"):
+    def __init__(self, backend: Backend, guidance: Guidance = Guidance(), token: str = RARE_TOKEN):
         self.backend, self.guidance, self.token = backend, guidance, token
         self._subject: str | None = None
         self._lora: dict[str, LoRAWeights] | None = None
@@ -127,7 +128,7 @@ class PersonalizerMethod(LoRAMethod):
     """Any :class:`~hyperbooth.methods.base.Personalizer`: ``personalize(references, backbone, class_names)`` gives
     the subject's LoRA (class names passed where the method ``needs_class_names``)."""
 
-    def __init__(self, backend: Backend, personalizer: Personalizer, guidance: Guidance = Guidance(), token: str = "sks",
+    def __init__(self, backend: Backend, personalizer: Personalizer, guidance: Guidance = Guidance(), token: str = RARE_TOKEN,
                  source: str | None = None):
         super().__init__(backend, guidance, token)
         personalizer.check_backbone(backend.backbone, source)
@@ -152,7 +153,7 @@ class LoRAFolderMethod(LoRAMethod):
 
     name = "lora_folder"
 
-    def __init__(self, backend: Backend, path: str, guidance: Guidance = Guidance(), token: str = "sks"):
+    def __init__(self, backend: Backend, path: str, guidance: Guidance = Guidance(), token: str = RARE_TOKEN):
         super().__init__(backend, guidance, token)
         if not path or not Path(path).is_dir():
             raise ConfigError(f"LoRA folder {str(path)!r} does not exist (method.path: a folder of <subject>.safetensors files)")
@@ -196,7 +197,7 @@ def build_personalizer(kind: str, path: str | None, options: Mapping, backend: B
     return cls.for_backbone(config, backend.backbone), f"{kind} with {dict(options) or 'its default config'}"
 
 
-def build_method(kind: str, backend: Backend, path: str | None = None, guidance: Guidance = Guidance(), token: str = "sks",
+def build_method(kind: str, backend: Backend, path: str | None = None, guidance: Guidance = Guidance(), token: str = RARE_TOKEN,
                  options: Mapping | None = None) -> Method:
     """The method ``method.kind`` names (see the module docstring)."""
     if kind == "base":

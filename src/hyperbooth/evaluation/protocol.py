@@ -33,6 +33,7 @@ from hyperbooth.evaluation.report import write_html, write_json
 from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, GUIDANCE, check_interval
 from hyperbooth.methods import get
 from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
+from hyperbooth.world.contexts import RARE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class MethodConfig:
     kind: str = "base"
     path: str | None = None
     options: dict = field(default_factory=dict)  # a registered method built without a folder: its config's fields
-    token: str = "sks"  # the unique token of personalized prompts
+    token: str = RARE_TOKEN  # the unique token of personalized prompts
     guidance: str = "cfg"  # cfg | hm-cfg (personalized methods; the floor samples with CFG)
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     w_base: float = DEFAULT_W_BASE

@@ -27,7 +27,7 @@ import os
 import weakref
 from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,7 +37,7 @@ from torch import nn
 from hyperbooth.backbones.base import Backbone, Conditioning
 from hyperbooth.config import config_from_dict
 from hyperbooth.errors import CheckpointError, ConfigError
-from hyperbooth.files import atomic_write
+from hyperbooth.files import atomic_write, files_digest
 from hyperbooth.lora.weights import LoRAWeights
 
 WEIGHTS_NAME = "hypernet.safetensors"
@@ -70,6 +70,8 @@ class TrainBatch:
     loss_weights: torch.Tensor
     prompts: list[str]
     class_names: list[str | None]
+    #: what a method's data add to each sample beyond the fields above (e.g. pre-optimized LoRA targets), by name
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Personalizer(nn.Module):
@@ -96,6 +98,7 @@ class Personalizer(nn.Module):
             config.validate()
         self.config = config
         self.target_shapes = {name: (int(a), int(b)) for name, (a, b) in target_shapes.items()}
+        self.seconds_per_subject = float("nan")  # set by ``personalize`` of methods with ``own_clock``
 
     # -- building --------------------------------------------------------------------------------------------
 
@@ -149,7 +152,9 @@ class Personalizer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Where the parameters are (the CPU for a method without any)."""
+        first = next(self.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
 
     # -- files -----------------------------------------------------------------------------------------------
 
@@ -242,6 +247,15 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("method"), str):
         raise CheckpointError(f"{path} does not name its method")
     return meta
+
+
+def weights_digest(folder: str | os.PathLike) -> str:
+    """The first 16 hex digits of the SHA-256 of a personalizer folder's weights file (of its config for a method that
+    keeps no weights): what LoRA files and result tables record, so a model retrained into the same folder is told
+    apart."""
+    folder = Path(folder)
+    weights = folder / WEIGHTS_NAME
+    return files_digest([weights if weights.is_file() else folder / CONFIG_NAME])
 
 
 def load(folder: str | os.PathLike) -> Personalizer:

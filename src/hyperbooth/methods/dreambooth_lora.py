@@ -44,7 +44,6 @@ from hyperbooth.backbones.base import Backbone
 from hyperbooth.diffusion import diffusion_loss, forward_process, training_scheduler
 from hyperbooth.errors import ConfigError
 from hyperbooth.generate import generate
-from hyperbooth.lora.inject import DEFAULT_UNET_TARGETS
 from hyperbooth.lora.io import load_lora, save_lora
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights, stack
 from hyperbooth.methods.base import Personalizer, register
@@ -70,7 +69,7 @@ class FinetuneConfig:
     num_class_images: int = 100
     class_guidance_scale: float = 3.0  # CFG scale and sampler steps for the class images
     class_sample_steps: int = 25
-    targets: tuple[str, ...] = DEFAULT_UNET_TARGETS
+    targets: tuple[str, ...] = ()  # UNet module patterns; empty: the backbone's default (its attention projections)
     seed: int = 0
 
     def validate(self) -> None:
@@ -90,8 +89,6 @@ class FinetuneConfig:
             raise ConfigError(f"flip_p={self.flip_p!r} must be in [0, 1]")
         if not self.token or any(c.isspace() for c in self.token):
             raise ConfigError(f"token={self.token!r} must be one non-empty word")
-        if not self.targets:
-            raise ConfigError("targets must name at least one module pattern")
 
 
 @dataclass
@@ -215,9 +212,11 @@ def finetune(
     device, dtype = unet.device, unet.dtype
     generator = torch.Generator().manual_seed(cfg.seed)
     if init is None:
-        weights = init_lora(base.target_shapes(cfg.targets), cfg.rank, generator, device=device, dtype=dtype)
+        # the trained factors stay float32 on a half-precision backbone (an update of lr 1e-4 is lost to bf16
+        # rounding); the injector casts them to each module's dtype in the forward pass
+        weights = init_lora(base.target_shapes(cfg.targets), cfg.rank, generator, device=device, dtype=torch.float32)
     else:
-        weights = trainable_copy(init, device=device, dtype=dtype)
+        weights = trainable_copy(init, device=device, dtype=torch.float32)
     params = [p for layer in weights.values() for p in (layer.A, layer.B)]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant lr
     scheduler = training_scheduler(base.scheduler.config)
@@ -302,7 +301,6 @@ class DreamBoothLoRA(Personalizer):
         if self.cache is not None and self.cache.exists() and not self.cache.is_dir():
             raise ConfigError(f"DreamBooth-LoRA cache {str(self.cache)!r} is not a folder")
         self.progress = progress
-        self.seconds_per_subject = float("nan")
 
     @classmethod
     def for_backbone(cls, config, backbone: Backbone) -> DreamBoothLoRA:
@@ -352,8 +350,9 @@ class DreamBoothLoRA(Personalizer):
                     weights, stats = finetune(backbone, references[i], class_name, self.config, progress=self.progress, init=start)
                 spent = stats.seconds
                 if path is not None:
-                    save_lora(path, weights, models={"unet": backbone.unet}, method=METHOD, base_model=str(backbone.path),
-                              extra_metadata={"hyperbooth.finetune_seconds": f"{spent:.4f}", "hyperbooth.finetune_steps": str(self.config.steps)})
+                    save_lora(path, weights, models={"unet": backbone.unet}, method=METHOD, base_model=backbone.path.name,
+                              extra_metadata={"hyperbooth.finetune_seconds": f"{spent:.4f}", "hyperbooth.finetune_steps": str(self.config.steps),
+                                              "hyperbooth.backbone": backbone.name})
             subjects.append(weights)
             seconds.append(spent)
             log.info("DreamBooth-LoRA subject %d/%d (%s): %.1f s", i + 1, len(class_names), class_name, spent)

@@ -28,7 +28,6 @@ from hyperbooth.backbones.base import Backbone
 from hyperbooth.diffusion import diffusion_loss
 from hyperbooth.encoders import build_encoder
 from hyperbooth.errors import ConfigError
-from hyperbooth.lora.inject import DEFAULT_UNET_TARGETS
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine
 from hyperbooth.methods.base import Personalizer, TrainBatch, register
 
@@ -45,7 +44,7 @@ class E2EConfig:
     heads: int = 4
     encoder: str = "world"  # "world" or a transformers vision model folder / hub id
     encoder_dim: int = 128  # token size of the world encoder
-    targets: tuple[str, ...] = DEFAULT_UNET_TARGETS
+    targets: tuple[str, ...] = ()  # UNet module patterns; empty: the backbone's default (its attention projections)
     multi_reference: str = "tokens"  # "tokens" or "mean_delta"
     output_reg: float = 1e-3  # λ of the output regularization Σ_l ‖ΔW_l‖²_F in the training loss; 0 allowed (the ablation)
 

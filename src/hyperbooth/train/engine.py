@@ -139,6 +139,12 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The global RNG's seed for optimizer step ``step`` on process ``rank``: random draws a method makes inside its
+    loss (dropout, its own sampling) are a function of the step, so ``--resume`` repeats them exactly."""
+    return ((seed * 1_000_003 + step) << 8) + rank
+
+
 def make_batch(batch: dict, backbone: Backbone, scheduler, cfg: TrainConfig) -> TrainBatch:
     """A collated batch (:func:`hyperbooth.train.data.collate`) → the method's :class:`TrainBatch` on the backbone's
     device: ``x0 = to_model(target)``, per-sample ε ~ N(0, I), t ~ U{0 … T−1}, prompts dropped to "" with
@@ -231,6 +237,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
     window: dict[str, float] = {}
     try:
         while step < cfg.optim.max_steps:
+            torch.manual_seed(step_seed(cfg.seed, step, rank))  # global draws in a method's loss (dropout): exact on resume
             batch = make_batch(next(loader), backbone, scheduler, cfg)
             loss, scalars = objective(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -262,6 +269,8 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
         bar.close()
         if log_file is not None:
             log_file.close()
+        if cfg.gradient_checkpointing:  # a backbone the caller passed in is handed back as it came
+            backbone.unet.disable_gradient_checkpointing()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:

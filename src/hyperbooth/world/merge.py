@@ -15,9 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hyperbooth.errors import ConfigError
-from hyperbooth.files import files_digest
 from hyperbooth.guidance import DEFAULT_PERS_INTERVAL
-from hyperbooth.methods.base import CONFIG_NAME, WEIGHTS_NAME
+from hyperbooth.methods.base import weights_digest
 from hyperbooth.world.comparison import compare_hm_cfg
 
 #: Settings that must agree for rows of several evaluation runs to sit in one table (a key one file lacks, e.g. one
@@ -42,8 +41,7 @@ def hypernet_source(folder: str | os.PathLike) -> str:
     of its weights file's SHA-256 (of its config for a method that keeps no weights), so that a checkpoint retrained
     into the same folder counts as another model."""
     folder = Path(folder).resolve()
-    weights = folder / WEIGHTS_NAME
-    return f"{folder} sha256:{files_digest([weights if weights.is_file() else folder / CONFIG_NAME])}"
+    return f"{folder} sha256:{weights_digest(folder)}"
 
 
 def select_hypernets(result: Mapping, labels: Sequence[str], source: str = "result") -> dict:

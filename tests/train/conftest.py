@@ -1,5 +1,8 @@
 """Fixtures of the training tests: a tiny SD 1.5 pipeline, a tiny CLIP vision encoder and small photo folders."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +52,11 @@ def subject_folder(tmp_path):
         "'a {0} {1} in the jungle'.format(unique_token, class_token),\n]\n"
     )
     return root
+
+
+def train_on_two_processes(args: list[str], out: Path) -> None:
+    """``hyperbooth train *args out_dir=out`` under ``accelerate launch --num_processes 2 --cpu`` (one thread each)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hyperbooth", "train", *args, f"out_dir={out}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

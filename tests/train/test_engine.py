@@ -17,6 +17,7 @@ from hyperbooth.lora.weights import LoRALayer, LoRAWeights
 from hyperbooth.methods import CONFIG_NAME
 from hyperbooth.methods.e2e import E2EConfig, E2EHyperNetwork
 from hyperbooth.train.engine import load_train_config, train
+from tests.train.conftest import train_on_two_processes
 
 TINY = ["hypernet={d_model: 32, layers: 1, heads: 2, encoder_dim: 16, rank: 2}", "optim.batch_size=4", "optim.warmup_steps=1", "data.num_workers=0", "log_every=1", "checkpoint_every=2"]
 
@@ -148,17 +149,9 @@ def test_bad_inputs_are_named(tiny_world_model, tmp_path, capsys):
 
 def test_two_processes_give_the_same_update_as_one(tiny_world_model, tmp_path):
     """`accelerate launch --num_processes 2 --cpu` with global batch 4 = one process with batch 4."""
-    import os
-    import subprocess
-    import sys
-
     args = [*TINY, f"base_model={tiny_world_model}", "optim.max_steps=1", "checkpoint_every=1"]
     one = train(load_train_config(None, [*args, f"out_dir={tmp_path / 'one'}"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hyperbooth", "train", *args, f"out_dir={tmp_path / 'two'}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_on_two_processes(args, tmp_path / "two")
     a = E2EHyperNetwork.from_pretrained(one).state_dict()
     b = E2EHyperNetwork.from_pretrained(tmp_path / "two" / "hypernet").state_dict()
     init = E2EHyperNetwork(E2EHyperNetwork.from_pretrained(one).config, E2EHyperNetwork.from_pretrained(one).target_shapes)

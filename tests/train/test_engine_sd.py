@@ -3,10 +3,7 @@
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +20,7 @@ from hyperbooth.methods import CONFIG_NAME, E2EHyperNetwork
 from hyperbooth.tiny import tiny_unet
 from hyperbooth.train.engine import load_train_config, train
 from hyperbooth.train.grad_checkpoint import enable_gradient_checkpointing
+from tests.train.conftest import train_on_two_processes
 
 HYPERNET = "hypernet={d_model: 32, layers: 1, heads: 2, rank: 2}"
 
@@ -69,11 +67,7 @@ def test_two_processes_give_the_same_update_as_one(tiny_sd, tiny_clip, subject_f
     """`accelerate launch --num_processes 2 --cpu` with global batch 2 = one process with batch 2, on SD."""
     args = _args(tiny_sd, tiny_clip, subject_folder, "optim.max_steps=1", "checkpoint_every=1")
     one = train(load_train_config(None, [*args, f"out_dir={tmp_path / 'one'}"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hyperbooth", "train", *args, f"out_dir={tmp_path / 'two'}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_on_two_processes(args, tmp_path / "two")
     a, b = _weights(one), _weights(tmp_path / "two" / "hypernet")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     assert any(a[k].abs().sum() > 0 for k in a if k.startswith("head_B"))  # it did update (head_B starts at zero)

@@ -30,7 +30,7 @@ from hyperbooth.errors import ConfigError
 from hyperbooth.text import TextEncoder
 from hyperbooth.train.ema import build_ema, load_ema
 from hyperbooth.train.optim import OptimConfig, build_optimizer
-from hyperbooth.train.state import latest_checkpoint, load_state, save_state, write_checkpoint
+from hyperbooth.train.state import load_state, resume_checkpoint, save_state, write_checkpoint
 from hyperbooth.world.base_model import WORLD_UNET_CONFIG, save_world_model
 from hyperbooth.world.datasets import BaseSampleDataset, PrerenderedDataset
 
@@ -152,9 +152,7 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
     generator = torch.Generator().manual_seed(cfg.seed)
     step = 0
 
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        log.warning("--resume: no checkpoint under %s; starting from step 0", out)
+    checkpoint = resume_checkpoint(out, resume)
     if checkpoint is not None:
         step = _load_checkpoint(checkpoint, unet, optimizer, lr_schedule, ema, generator, device)
         log.info("resumed from %s at step %d", checkpoint, step)

@@ -42,7 +42,7 @@ from hyperbooth.train.data import DataConfig, batches, build_dataset
 from hyperbooth.train.ema import build_ema, load_ema
 from hyperbooth.train.grad_checkpoint import enable_gradient_checkpointing
 from hyperbooth.train.optim import OptimConfig, build_optimizer
-from hyperbooth.train.state import latest_checkpoint, load_state, save_state, write_checkpoint
+from hyperbooth.train.state import load_state, resume_checkpoint, save_state, write_checkpoint
 
 #: ``save_dtype`` → the dtype of the final folder's weights (None: the parameters' own, fp32)
 SAVE_DTYPES = {"fp32": None, "fp16": torch.float16}
@@ -215,9 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
     optimizer, lr_schedule = build_optimizer(params, cfg.optim)
     ema = build_ema(params, cfg.optim.ema_decay)
     step = 0
-    checkpoint = latest_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        log.warning("--resume: no checkpoint under %s; starting from step 0", out)
+    checkpoint = resume_checkpoint(out, resume)
     if checkpoint is not None:
         step = _load_checkpoint(checkpoint, cfg, personalizer, optimizer, lr_schedule, ema, device)
         log.info("resumed from %s at step %d", checkpoint, step)

@@ -8,6 +8,7 @@ a complete checkpoint to resume from, and nothing already written is lost. State
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 from hyperbooth.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 
 def write_checkpoint(out_dir: Path, step: int, write_fn, keep: int = 2) -> Path:
@@ -46,6 +49,15 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     if not folder.is_dir():
         raise CheckpointError(f"{pointer} names {folder.name}, which does not exist; delete {pointer} to start over")
     return folder
+
+
+def resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint ``--resume`` continues from (the newest complete one), or None to start at step 0 — with a
+    warning when ``--resume`` found none."""
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None:
+        log.warning("--resume: no checkpoint under %s; starting from step 0", out_dir)
+    return checkpoint
 
 
 def save_state(path: Path, state: dict) -> None:

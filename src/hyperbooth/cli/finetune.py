@@ -17,7 +17,8 @@ from hyperbooth.backbones import load_backbone
 from hyperbooth.errors import ConfigError
 from hyperbooth.images import image_files, load_image
 from hyperbooth.lora.io import save_lora
-from hyperbooth.methods.dreambooth_lora import METHOD, FinetuneConfig, finetune, instance_prompt
+from hyperbooth.methods.dreambooth_lora import METHOD, FinetuneConfig, finetune
+from hyperbooth.prompts import instance_prompt
 
 
 def register(subparsers) -> None:

@@ -23,7 +23,7 @@ from hyperbooth.world.merge import hypernet_source, merge_results, select_hypern
 from hyperbooth.world.oracles import SHIPPED_ORACLES, OracleTrainConfig, Oracles, evaluate_oracles, train_oracles
 from hyperbooth.world.personalization import evaluate_personalization, load_personalizers, multi_reference_variants
 from hyperbooth.world.pretrain import EncoderPretrainConfig, pretrain_world_encoder, save_world_encoder
-from hyperbooth.world.protocol import ROW_KINDS, check_weight, hm_cfg_pairs, personalization_rows
+from hyperbooth.world.protocol import ROW_KINDS, SWEEP_GUIDANCE_SCALES, SWEEP_W_BASE, SWEEP_W_PERS, check_weight, hm_cfg_pairs, personalization_rows
 from hyperbooth.world.render import check_resolution, render
 from hyperbooth.world.report import comparison_table, personalization_table, plot_fidelity, to_json
 from hyperbooth.world.splits import identity_seeds
@@ -94,9 +94,9 @@ def register(subparsers) -> None:
     pers.add_argument("--prompts", type=_int, default=6, help="evaluation prompts per identity")
     pers.add_argument("--steps", type=_int, default=DEFAULT_STEPS)
     pers.add_argument("--scheduler", default=DEFAULT_SCHEDULER)
-    pers.add_argument("--guidance-scales", default=None, help="CFG scales of the floor and personalized-CFG rows (default 3; with --sweep 2,3,4)")
-    pers.add_argument("--w-base", default=None, help=f"HM-CFG w_base values (default {DEFAULT_W_BASE:g}; with --sweep 1,2,3,4)")
-    pers.add_argument("--w-pers", default=None, help=f"HM-CFG w_pers values (default {DEFAULT_W_PERS:g}; with --sweep 0.5,1,1.5,2)")
+    pers.add_argument("--guidance-scales", default=None, help=f"CFG scales of the floor and personalized-CFG rows (default {DEFAULT_GUIDANCE_SCALE:g}; with --sweep {_listed(SWEEP_GUIDANCE_SCALES)})")
+    pers.add_argument("--w-base", default=None, help=f"HM-CFG w_base values (default {DEFAULT_W_BASE:g}; with --sweep {_listed(SWEEP_W_BASE)})")
+    pers.add_argument("--w-pers", default=None, help=f"HM-CFG w_pers values (default {DEFAULT_W_PERS:g}; with --sweep {_listed(SWEEP_W_PERS)})")
     pers.add_argument("--sweep", action="store_true", help="every (w_base, w_pers) pair instead of pairing the lists element by element")
     pers.add_argument("--pers-interval", action="append", default=None, metavar="LO,HI",
                       help="HM-CFG timestep schedule: the personalized branch runs for noise levels t/T in [LO, HI]; repeat for several rows (default 0,1: every step)")
@@ -205,14 +205,19 @@ def _merge_evals(args: argparse.Namespace) -> int:
     return _report(merge_results(results, args.tolerance, keep=keep), args)
 
 
+def _listed(values) -> str:
+    """Numbers as an option's text: ``(2.0, 3.0)`` → ``"2,3"``."""
+    return ",".join(f"{v:g}" for v in values)
+
+
 def _eval_personalization(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     refs = _numbers(args.refs, "--refs", int)
     if any(k < 1 for k in refs):
         raise ConfigError(f"--refs={args.refs!r}: every reference count must be at least 1")
-    scales = [check_weight(g, "--guidance-scales") for g in _numbers(args.guidance_scales or ("2,3,4" if args.sweep else f"{DEFAULT_GUIDANCE_SCALE:g}"), "--guidance-scales")]
-    w_base = _numbers(args.w_base or ("1,2,3,4" if args.sweep else f"{DEFAULT_W_BASE:g}"), "--w-base")
-    w_pers = _numbers(args.w_pers or ("0.5,1,1.5,2" if args.sweep else f"{DEFAULT_W_PERS:g}"), "--w-pers")
+    scales = [check_weight(g, "--guidance-scales") for g in _numbers(args.guidance_scales or _listed(SWEEP_GUIDANCE_SCALES if args.sweep else [DEFAULT_GUIDANCE_SCALE]), "--guidance-scales")]
+    w_base = _numbers(args.w_base or _listed(SWEEP_W_BASE if args.sweep else [DEFAULT_W_BASE]), "--w-base")
+    w_pers = _numbers(args.w_pers or _listed(SWEEP_W_PERS if args.sweep else [DEFAULT_W_PERS]), "--w-pers")
     pairs = hm_cfg_pairs(w_base, w_pers, sweep=args.sweep)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or any(k not in ROW_KINDS for k in kinds):

@@ -47,7 +47,7 @@ from hyperbooth.generate import generate
 from hyperbooth.lora.io import load_lora, save_lora
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights, stack
 from hyperbooth.methods.base import Personalizer, register
-from hyperbooth.world.contexts import RARE_TOKEN
+from hyperbooth.prompts import RARE_TOKEN, class_prompt, instance_prompt
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +100,6 @@ class FinetuneStats:
     steps: int
     losses: list[float] = field(default_factory=list)  # subject loss per step
     prior_losses: list[float] = field(default_factory=list)  # prior loss per step (prior preservation only)
-
-
-def instance_prompt(class_name: str, token: str = RARE_TOKEN) -> str:
-    """The subject images' caption: ``"a sks toy"``."""
-    return f"a {token} {class_name}"
-
-
-def class_prompt(class_name: str) -> str:
-    """The class images' caption: ``"a toy"``."""
-    return f"a {class_name}"
 
 
 def init_lora(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator,

@@ -38,8 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from hyperbooth.errors import ConfigError, ImageLoadError
 from hyperbooth.evaluation.dreambench import parse_prompts_file
 from hyperbooth.images import IMAGE_SUFFIXES, load_image
-from hyperbooth.methods.dreambooth_lora import instance_prompt
-from hyperbooth.world.contexts import RARE_TOKEN
+from hyperbooth.prompts import RARE_TOKEN, instance_prompt
 from hyperbooth.world.datasets import PersonalizationPairDataset, PrerenderedDataset
 
 DATA_KINDS = ("world", "dreambench", "folder")

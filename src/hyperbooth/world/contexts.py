@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hyperbooth.errors import ConfigError
+from hyperbooth.prompts import RARE_TOKEN  # noqa: F401  (re-exported: the world's prompts name a subject with it, ctx.RARE_TOKEN)
 
 CLASSES: tuple[str, ...] = ("backpack", "vase", "toy", "ball")
 
@@ -41,7 +42,6 @@ ACCESSORIES: tuple[str, ...] = ("none", *ACCESSORY_PHRASES)
 CONTEXT_TYPES: tuple[str, ...] = ("plain", "background", "recolor", "accessory")
 
 TEMPLATES: tuple[str, ...] = ("{}", "a photo of {}", "a picture of {}")
-RARE_TOKEN = "sks"
 
 
 def _check(value: str | None, allowed, what: str) -> None:

@@ -153,6 +153,12 @@ class RowSpec:
         return text
 
 
+#: The grid of ``hyperbooth world eval-personalization --sweep`` (the README's HM-CFG sweep).
+SWEEP_GUIDANCE_SCALES: tuple[float, ...] = (2.0, 3.0, 4.0)
+SWEEP_W_BASE: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
+SWEEP_W_PERS: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+
+
 def hm_cfg_pairs(w_base: Sequence[float], w_pers: Sequence[float], sweep: bool = False) -> list[tuple[float, float]]:
     """``(w_base, w_pers)`` pairs: every combination (``sweep``), else element by element (a single value pairs
     with every value of the other list)."""

@@ -30,7 +30,7 @@ from hyperbooth.errors import ConfigError
 from hyperbooth.text import TextEncoder
 from hyperbooth.train.ema import build_ema, load_ema
 from hyperbooth.train.optim import OptimConfig, build_optimizer
-from hyperbooth.train.state import load_state, resume_checkpoint, save_state, write_checkpoint
+from hyperbooth.train.state import load_state, resume_checkpoint, save_state, training_state, write_checkpoint
 from hyperbooth.world.base_model import WORLD_UNET_CONFIG, save_world_model
 from hyperbooth.world.datasets import BaseSampleDataset, PrerenderedDataset
 
@@ -211,14 +211,7 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
 
 def _write_checkpoint(folder: Path, cfg, step, unet, optimizer, lr_schedule, ema, generator) -> None:
     unet.save_pretrained(folder / "unet")
-    save_state(folder / "state.pt", {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "lr_schedule": lr_schedule.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "generator": generator.get_state(),
-        "config": to_dict(cfg),
-    })
+    save_state(folder / "state.pt", training_state(step, optimizer, lr_schedule, ema, to_dict(cfg), generator=generator.get_state()))
 
 
 def _load_checkpoint(folder: Path, unet, optimizer, lr_schedule, ema, generator, device) -> int:

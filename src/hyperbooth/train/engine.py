@@ -42,7 +42,7 @@ from hyperbooth.train.data import DataConfig, batches, build_dataset
 from hyperbooth.train.ema import build_ema, load_ema
 from hyperbooth.train.grad_checkpoint import enable_gradient_checkpointing
 from hyperbooth.train.optim import OptimConfig, build_optimizer
-from hyperbooth.train.state import load_state, resume_checkpoint, save_state, write_checkpoint
+from hyperbooth.train.state import load_state, resume_checkpoint, save_state, training_state, write_checkpoint
 
 #: ``save_dtype`` → the dtype of the final folder's weights (None: the parameters' own, fp32)
 SAVE_DTYPES = {"fp32": None, "fp16": torch.float16}
@@ -310,13 +310,7 @@ def _open_log(path: Path, step: int):
 
 def _write_checkpoint(folder: Path, cfg: TrainConfig, step: int, model: Personalizer, optimizer, lr_schedule, ema) -> None:
     model.save_pretrained(folder / "hypernet")
-    save_state(folder / "state.pt", {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "lr_schedule": lr_schedule.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "config": to_dict(cfg),
-    })
+    save_state(folder / "state.pt", training_state(step, optimizer, lr_schedule, ema, to_dict(cfg)))
 
 
 #: the config sections a resumed run must share with its checkpoint (the others — out_dir, logging, checkpointing,

@@ -60,6 +60,19 @@ def resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
     return checkpoint
 
 
+def training_state(step: int, optimizer, lr_schedule, ema, config: dict, **extra) -> dict:
+    """What a checkpoint's ``state.pt`` holds besides the weights: the step, the optimizer's and the schedule's state,
+    the EMA's (or None), the resolved config, and ``extra`` entries of one trainer."""
+    return {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        **extra,
+        "config": config,
+    }
+
+
 def save_state(path: Path, state: dict) -> None:
     torch.save(state, path)
 

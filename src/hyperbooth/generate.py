@@ -104,7 +104,7 @@ def generate(
         branches, mode = 3, "per_sample"
         subject = torch.zeros(n, dtype=torch.long) if k == 1 else torch.arange(n)
         rows = torch.cat([torch.full((2 * n,), -1), subject])  # (3N,)
-    cond = _conditioning(backbone, list(prompts), branches, text_lora if parts else None, guidance)  # (branches·N, …)
+    cond = _conditioning(backbone, list(prompts), branches, text_lora if parts else None)  # (branches·N, …)
     unet = backbone.unet
     dtype = unet.dtype
 
@@ -135,7 +135,7 @@ def generate(
     return backbone.to_images(x).float().clamp(-1, 1).cpu()
 
 
-def _conditioning(backbone: Backbone, prompts: list[str], branches: int, text_lora, guidance: str) -> Conditioning:
+def _conditioning(backbone: Backbone, prompts: list[str], branches: int, text_lora) -> Conditioning:
     """Rows ``[∅ × N ; c × N]`` (CFG) or ``[∅ × N ; c × N ; c × N]`` (HM-CFG); a text-encoder LoRA conditions the
     personalized rows (all of CFG's, the last N of HM-CFG's)."""
     n = len(prompts)

@@ -33,6 +33,7 @@ def test_run_demo_writes_grid_and_returns_table(tiny, tmp_path):
     assert [(r.refs, r.guidance) for r in rows] == [(0, "base cfg"), (1, "cfg"), (1, "hm-cfg"), (2, "cfg"), (2, "hm-cfg")]
     for r in rows:
         assert -1 <= r.subject_fidelity <= 1 and 0 <= r.prompt_fidelity <= 1 and r.seconds_per_image > 0
+        assert 0 <= r.retrieval <= r.auc <= 1
         assert math.isnan(r.personalize_ms) if r.refs == 0 else r.personalize_ms > 0
     assert len({r.subject_fidelity for r in rows}) > 1  # personalization and guidance change the images
     assert path == tmp_path / "demo_grid.png" and sorted(p.name for p in tmp_path.iterdir()) == ["demo_grid.png"]
@@ -46,11 +47,12 @@ def test_run_demo_writes_grid_and_returns_table(tiny, tmp_path):
 
 
 def test_format_table():
-    rows = [DemoRow(0, "base cfg", 0.25, 0.5, float("nan"), 0.1), DemoRow(3, "hm-cfg", 0.75, 0.875, 12.34, 0.2)]
+    rows = [DemoRow(0, "base cfg", 0.125, 0.5, 0.25, 0.5, float("nan"), 0.1), DemoRow(3, "hm-cfg", 0.625, 0.9, 0.75, 0.875, 12.34, 0.2)]
     lines = format_table(rows).splitlines()
-    assert len(lines) == 3 and "subject fidelity" in lines[0]
-    assert lines[1].split() == ["-", "base", "cfg", "0.250", "0.500", "-", "0.100"]
-    assert lines[2].split() == ["3", "hm-cfg", "0.750", "0.875", "12.3", "0.200"]
+    assert len(lines) == 4 and "retrieval top-1 of 8" in lines[0]
+    assert lines[1].split() == ["-", "base", "cfg", "0.125", "0.500", "0.250", "0.500", "-", "0.100"]
+    assert lines[2].split() == ["3", "hm-cfg", "0.625", "0.900", "0.750", "0.875", "12.3", "0.200"]
+    assert lines[3].split() == ["chance", "0.125", "0.500"]
 
 
 def test_context_title():
@@ -65,7 +67,7 @@ def test_demo_cli_end_to_end(tiny, tiny_world_model, tmp_path, capsys):
     code = main(["demo", "--model", str(tiny_world_model), "--hypernet", str(tiny["hn_dir"]), "--oracles", str(tiny["oracles_dir"]), "--steps", "1", "--no-floor", "--no-interop", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "subject fidelity" in printed and "hm-cfg" in printed and "base cfg" not in printed
+    assert "retrieval top-1 of 8" in printed and "hm-cfg" in printed and "base cfg" not in printed
     assert (out / "demo_grid.png").is_file()
 
 

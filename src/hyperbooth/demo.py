@@ -3,9 +3,10 @@
 Four held-out identities are personalized through the Personalizer interface (any registered method; default the
 shipped e2e hypernetwork) from 1 and from 3 reference images, then generated under six DreamBench-World prompts
 (backgrounds, a recolour, the red hat) with CFG and with HM-CFG. It writes one captioned grid (rows: identity ×
-references × guidance, the references first; columns: prompts) and prints, per (references, guidance), the oracles'
-subject and prompt fidelity (:mod:`hyperbooth.world.fidelity`, the world table's code path) beside the base model's
-floor, the time per subject and the sampling time per image. A short extra checks that the LoRA files load in
+references × guidance, the references first; columns: prompts; each image captioned with its identity-retrieval
+rank among 8) and prints, per (references, guidance), the oracles' identity retrieval top-1 among 8, pairwise AUC,
+raw cosine and prompt fidelity (:mod:`hyperbooth.world.fidelity`, the world table's code path) beside the base
+model's floor, the time per subject and the sampling time per image. A short extra checks that the LoRA files load in
 diffusers (tiny SD-1.5 pipeline, random weights).
 """
 
@@ -29,7 +30,7 @@ from hyperbooth.lora.weights import LoRAWeights, stack
 from hyperbooth.personalize import personalize
 from hyperbooth.sampling import DEFAULT_STEPS
 from hyperbooth.world import contexts as ctx
-from hyperbooth.world.fidelity import nanmean, prompt_fidelity, reference_images, subject_fidelity
+from hyperbooth.world.fidelity import RETRIEVAL_CANDIDATES, identity_retrieval, nanmean, prompt_fidelity, reference_images, subject_fidelity
 from hyperbooth.world.identity import identity_class
 from hyperbooth.world.splits import identity_seeds
 
@@ -54,7 +55,9 @@ class DemoRow:
 
     refs: int  # 0 = the base model, no personalization (the floor)
     guidance: str
-    subject_fidelity: float
+    retrieval: float  # identity retrieval top-1 among 8 same-class identities (chance 0.125): the headline
+    auc: float  # pairwise AUC against those 7 (chance 0.5)
+    subject_fidelity: float  # the raw oracle cosine to the identity's prototype, beside the paired figures
     prompt_fidelity: float
     personalize_ms: float  # per subject; NaN for the floor
     seconds_per_image: float
@@ -119,13 +122,15 @@ def run_demo(
     keys, n = list(runs), len(prompts)
     all_images = torch.cat([runs[key][0] for key in keys])
     sf_all = subject_fidelity(oracles, all_images, row_seeds * len(keys)).view(len(keys), n)
+    found = identity_retrieval(oracles, all_images, row_seeds * len(keys), [c.recolor for c in row_contexts] * len(keys))
+    top1_all, auc_all, rank_all = (found[name].view(len(keys), n) for name in ("top1", "auc", "rank"))
     pf_all = prompt_fidelity(oracles, all_images, row_classes * len(keys), row_contexts * len(keys))["context"].view(len(keys), n)
     table, results = [], {}
-    for key, sf, pf in zip(keys, sf_all, pf_all):
+    for key, sf, top1, auc, rank, pf in zip(keys, sf_all, top1_all, auc_all, rank_all, pf_all):
         k, guidance = key
-        results[key] = (runs[key][0], sf, pf)
-        table.append(DemoRow(k, guidance, float(sf.mean()), nanmean(pf), times.get(k, float("nan")), runs[key][1]))
-        log.info("%d reference(s), %s: subject %.3f, prompt %.3f", k, guidance, table[-1].subject_fidelity, table[-1].prompt_fidelity)
+        results[key] = (runs[key][0], rank, pf)
+        table.append(DemoRow(k, guidance, float(top1.mean()), float(auc.mean()), float(sf.mean()), nanmean(pf), times.get(k, float("nan")), runs[key][1]))
+        log.info("%d reference(s), %s: retrieval %.3f, AUC %.3f, prompt %.3f", k, guidance, table[-1].retrieval, table[-1].auc, table[-1].prompt_fidelity)
 
     # grid: rows identity × refs × guidance; the reference images first, then one column per prompt
     ref_images = to_uint8(refs.flatten(0, 1)).reshape(len(seeds), k_max, *refs.shape[-2:], 3)
@@ -134,11 +139,11 @@ def run_demo(
     for i, (s, c) in enumerate(zip(seeds, classes)):
         for k in ref_counts:
             for guidance in GUIDANCES:
-                images, sf, pf = results[k, guidance]
+                images, rank, pf = results[k, guidance]
                 generated = to_uint8(images[i * p : (i + 1) * p])
                 cells.append([ref_images[i, j] if j < k else None for j in range(k_max)] + list(generated))
                 label = [f"{c} #{s}\n{k} ref{'s' if k > 1 else ''}, {guidance}"] + [""] * (k_max - 1)
-                verdicts = [f"id {sf[i * p + j]:.2f} {_verdict(pf[i * p + j])}" for j in range(p)]
+                verdicts = [f"id rank {int(rank[i * p + j])}/{RETRIEVAL_CANDIDATES} {_verdict(pf[i * p + j])}" for j in range(p)]
                 captions.append(label + verdicts)
     titles = ["references"] + [""] * (k_max - 1) + [context_title(c) for c in contexts]
     path = save_png(captioned_grid(cells, captions, titles), Path(out) / GRID_NAME)
@@ -152,11 +157,13 @@ def _verdict(value: torch.Tensor) -> str:
 
 def format_table(rows: list[DemoRow]) -> str:
     """The demo's table as aligned text."""
-    head = ("refs", "guidance", "subject fidelity", "prompt fidelity", "personalize ms", "s / image")
+    head = ("refs", "guidance", "retrieval top-1 of 8", "AUC", "cosine", "prompt fidelity", "personalize ms", "s / image")
     lines = [head]
     for r in rows:
         ms = "-" if math.isnan(r.personalize_ms) else f"{r.personalize_ms:.1f}"
-        lines.append((str(r.refs) if r.refs else "-", r.guidance, f"{r.subject_fidelity:.3f}", f"{r.prompt_fidelity:.3f}", ms, f"{r.seconds_per_image:.3f}"))
+        lines.append((str(r.refs) if r.refs else "-", r.guidance, f"{r.retrieval:.3f}", f"{r.auc:.3f}", f"{r.subject_fidelity:.3f}",
+                      f"{r.prompt_fidelity:.3f}", ms, f"{r.seconds_per_image:.3f}"))
+    lines.append(("", "chance", f"{1 / RETRIEVAL_CANDIDATES:.3f}", "0.500", "", "", "", ""))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(cell.rjust(wd) if i != 1 else cell.ljust(wd) for i, (cell, wd) in enumerate(zip(line, widths))) for line in lines)
 

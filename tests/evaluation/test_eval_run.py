@@ -29,7 +29,8 @@ def test_world_eval_end_to_end_writes_json_and_report(tiny_world_model, random_o
     assert name.startswith("world-") and subject["identity_seed"] == int(name.split("-")[1]) and subject["reference_count"] == 2
     (prompt, record), = subject["prompts"].items()
     assert prompt == f"a {subject['class']} in the snow"  # the floor samples the class prompt (the world's first)
-    assert set(record["scores"]) == {"oracle_subject", "oracle_prompt"}
+    assert set(record["scores"]) == {"oracle_retrieval", "oracle_auc", "oracle_subject", "oracle_prompt"}
+    assert all(v in (0.0, 1.0) for v in record["scores"]["oracle_retrieval"]) and all(0 <= v <= 1 for v in record["scores"]["oracle_auc"])
     assert len(record["scores"]["oracle_subject"]) == 2 and all(-1 <= v <= 1 for v in record["scores"]["oracle_subject"])
     assert all(v in (0.0, 1.0) for v in record["scores"]["oracle_prompt"])
     assert results["summary"]["oracle_subject"]["n"] == 2
@@ -37,7 +38,7 @@ def test_world_eval_end_to_end_writes_json_and_report(tiny_world_model, random_o
     assert page.count("data:image/png;base64,") == 2 + 2  # references + generations, embedded
     assert "oracle_subject" in page and prompt in page
     printed = capsys.readouterr().out
-    assert "| subject | class | oracle_subject | oracle_prompt | failed |" in printed and name in printed
+    assert "| subject | class | oracle_retrieval | oracle_auc | oracle_subject | oracle_prompt | failed |" in printed and name in printed
 
 
 def test_world_seeds_are_fixed_per_image(tiny_world_model, random_oracles, tmp_path):

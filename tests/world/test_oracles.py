@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from hyperbooth.errors import CheckpointError
+from hyperbooth.world.identity import make_identity
 from hyperbooth.world.oracles import (
+    ATTRIBUTE_CHANCE,
+    IGNORE,
+    AttributeClassifier,
     ContextClassifier,
+    attribute_correct,
+    attribute_labels,
+    train_attribute_classifier,
     IdentityEncoder,
     OracleTrainConfig,
     Oracles,
@@ -43,6 +50,49 @@ def test_damaged_oracles_name_the_file(tmp_path):
         Oracles.load(tmp_path)
     with pytest.raises(CheckpointError, match="oracles.json"):
         Oracles.load(tmp_path / "missing")
+
+
+def test_attribute_labels_ignore_what_the_image_cannot_show():
+    from dataclasses import replace
+
+    identity = replace(make_identity(3), pattern="stripes", feature="none", secondary=(230, 40, 40))  # red stripes
+    labels = attribute_labels(identity)
+    assert labels["primary"] != IGNORE and labels["secondary"] != IGNORE and labels["pattern"] == 1
+    assert all(0 <= labels[f"shape_{i}"] < 5 for i in range(3))
+    assert attribute_labels(identity, "purple")["primary"] == IGNORE  # recoloured: the own primary is not shown
+    assert attribute_labels(identity, "purple")["secondary"] != IGNORE
+    assert attribute_labels(identity, "red")["secondary"] == IGNORE  # red stripes on a red subject
+    assert attribute_labels(replace(identity, pattern="solid"))["secondary"] == IGNORE  # solid, no feature
+    assert attribute_labels(replace(identity, pattern="solid", feature="patch"))["secondary"] != IGNORE
+    assert ATTRIBUTE_CHANCE == pytest.approx({"primary": 0.1, "secondary": 1 / 11, "pattern": 1 / 6, "shape": 0.2})
+
+
+def test_attribute_correct_masks_ignored_labels_and_averages_shape():
+    pred = {"primary": torch.tensor([1, 2]), "secondary": torch.tensor([0, 0]), "pattern": torch.tensor([3, 4]),
+            "shape_0": torch.tensor([0, 1]), "shape_1": torch.tensor([0, 1]), "shape_2": torch.tensor([0, 1])}
+    labels = {"primary": torch.tensor([1, IGNORE]), "secondary": torch.tensor([IGNORE, 1]), "pattern": torch.tensor([3, 3]),
+              "shape_0": torch.tensor([0, 1]), "shape_1": torch.tensor([1, 1]), "shape_2": torch.tensor([0, 0])}
+    out = attribute_correct(pred, labels)
+    assert out["primary"][0] == 1 and out["primary"][1].isnan() and out["secondary"][0].isnan() and out["secondary"][1] == 0
+    assert out["pattern"].tolist() == [1, 0]
+    assert out["shape"].tolist() == pytest.approx([2 / 3, 2 / 3])
+
+
+def test_attribute_classifier_trains_saves_and_loads(tmp_path):
+    cfg = OracleTrainConfig(attribute_renders=32, attribute_steps=2, batch_size=8)
+    attributes = train_attribute_classifier(cfg, progress=False)
+    identity, context = IdentityEncoder().eval(), ContextClassifier().eval()
+    figures = evaluate_oracles(identity, context, n=8, attributes=attributes)
+    assert all(0 <= figures[f"attribute_{a}_accuracy"] <= 1 for a in ATTRIBUTE_CHANCE)
+    save_oracles(tmp_path / "with", identity, context, cfg, figures, attributes)
+    loaded = Oracles.load(tmp_path / "with")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert all(torch.equal(loaded.attributes.predict(x)[k], v) for k, v in attributes.predict(x).items())
+    save_oracles(tmp_path / "without", identity, context, cfg, figures)
+    assert Oracles.load(tmp_path / "without").attributes is None
+    (tmp_path / "with" / "attributes.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="attributes.safetensors"):
+        Oracles.load(tmp_path / "with")
 
 
 @pytest.mark.slow

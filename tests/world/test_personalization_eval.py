@@ -18,7 +18,7 @@ from hyperbooth.world.personalization import evaluate_personalization, generate_
 from hyperbooth.world.protocol import RowSpec, hm_cfg_pairs, personalization_items, personalization_rows
 from hyperbooth.world.report import comparison_table, personalization_table, plot_fidelity
 from hyperbooth.backbones.world import WorldBackbone
-from hyperbooth.world.oracles import ContextClassifier, IdentityEncoder, OracleTrainConfig, Oracles, save_oracles
+from hyperbooth.world.oracles import AttributeClassifier, ContextClassifier, IdentityEncoder, OracleTrainConfig, Oracles, save_oracles
 from hyperbooth.world.splits import identity_seeds
 
 
@@ -41,7 +41,7 @@ def hypernet_dir(base, tmp_path_factory):
 def oracles_dir(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("oracles")
-    return save_oracles(folder, IdentityEncoder(), ContextClassifier(), OracleTrainConfig(), {})
+    return save_oracles(folder, IdentityEncoder(), ContextClassifier(), OracleTrainConfig(), {}, AttributeClassifier())
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +118,13 @@ def test_evaluate_personalization_table(base, oracles, hypernet_dir):
     labels = [r["label"] for r in result["rows"]]
     assert labels == ["references (renders, k=2)", "floor cfg g=3", "e2e k=2 cfg g=3", "e2e k=2 hm-cfg w_base=3 w_pers=1"]
     for row in result["rows"]:
-        assert -1 <= row["subject"] <= 1
+        assert -1 <= row["subject"] <= 1 and 0 <= row["retrieval"] <= 1 and 0 <= row["auc"] <= 1
+        assert row["retrieval"] <= row["auc"] + 1e-9  # a top-1 image beats all 7 others: its AUC is 1
         if row["kind"] == "references":
             continue
         assert row["images"] == 6
-        for key in ("subject", "prompt", "prompt_class", "prompt_background", "prompt_recolor", "subject_recolor", "prompt_recolor", "seconds_per_image"):
+        for key in ("retrieval", "auc", "subject", "prompt", "prompt_class", "prompt_background", "prompt_recolor", "retrieval_recolor",
+                    "subject_recolor", "prompt_recolor", "attr_pattern", "attr_shape", "seconds_per_image"):
             assert math.isfinite(row[key]), (row["label"], key)
         assert math.isnan(row["prompt_accessory"])  # 3 prompts per identity: plain, background, recolour
         assert math.isfinite(row["hypernet_ms_per_subject"]) == (row["kind"] != "floor")
@@ -130,6 +132,7 @@ def test_evaluate_personalization_table(base, oracles, hypernet_dir):
     assert comparison["hm_cfg"] == "e2e k=2 hm-cfg w_base=3 w_pers=1" and comparison["cfg"] == "e2e k=2 cfg g=3"
     table = personalization_table(result)
     assert all(f"| {label} |" in table for label in labels) and "nan" not in table
+    assert table.splitlines()[-1].startswith("| *chance* | 0.125 | – | 0.500 | 0.100 | 0.091 | 0.167 | 0.200 |")
     again = evaluate_personalization(base, oracles, hypernets, rows[:1], num_identities=2, prompts_per_identity=3, steps=2)
     assert again["rows"][1]["subject"] == result["rows"][1]["subject"]  # seeded
 
@@ -155,9 +158,9 @@ def test_evaluate_personalization_bad_input(base, oracles, hypernet_dir, tmp_pat
         load_personalizers([tmp_path / "other"], base=base)
 
 
-def _row(kind, label, subject, prompt, recolor, hypernet="e2e", refs=1, g=3.0, w=(3.0, 1.0)):
+def _row(kind, label, retrieval, prompt, recolor, hypernet="e2e", refs=1, g=3.0, w=(3.0, 1.0)):
     return {
-        "kind": kind, "label": label, "hypernet": hypernet, "refs": refs, "subject": subject, "prompt": prompt, "prompt_recolor": recolor,
+        "kind": kind, "label": label, "hypernet": hypernet, "refs": refs, "retrieval": retrieval, "subject": 0.0, "prompt": prompt, "prompt_recolor": recolor,
         "guidance_scale": g if kind in ("floor", "cfg") else None, "w_base": w[0] if kind == "hm-cfg" else None, "w_pers": w[1] if kind == "hm-cfg" else None,
     }
 
@@ -169,16 +172,19 @@ def test_compare_hm_cfg_on_hand_made_rows(tmp_path):
         _row("cfg", "e2e cfg g=2", 0.50, 0.40, 0.30, g=2.0),
         _row("cfg", "e2e cfg g=4", 0.60, 0.30, 0.20, g=4.0),
         _row("hm-cfg", "hm a", 0.59, 0.45, 0.50, w=(3.0, 1.0)),  # nearest g=4, within 0.02, better
+        _row("hm-cfg", "hm f", 0.575, 0.50, 0.50, w=(4.0, 1.0)),  # nearest g=4, 0.025 away: matched at the default 0.03 only
         _row("hm-cfg", "hm b", 0.515, 0.35, 0.20, w=(3.0, 0.5)),  # nearest g=2, within, worse
         _row("hm-cfg", "hm c", 0.70, 0.90, 0.90, w=(1.0, 2.0)),  # nearest g=4, 0.10 away
         _row("hm-cfg", "hm d", 0.50, 0.90, 0.90, hypernet="other"),  # no CFG row of its hypernet
         _row("hm-cfg", "hm e", 0.50, 0.90, 0.90, refs=3),  # nor of its reference count
     ]
+    assert {c["hm_cfg"]: c["matched"] for c in compare_hm_cfg(rows)}["hm f"]  # DEFAULT_TOLERANCE = 0.03
+    rows = [r for r in rows if r["label"] != "hm f"]
     out = {c["hm_cfg"]: c for c in compare_hm_cfg(rows, tolerance=0.02)}
     assert list(out) == ["hm a", "hm b", "hm c", "hm d", "hm e"]
     a = out["hm a"]
     assert a["cfg"] == "e2e cfg g=4" and a["matched"] and a["better"]
-    assert a["subject_gap"] == pytest.approx(-0.01) and a["prompt_gain"] == pytest.approx(0.15) and a["recolor_prompt_gain"] == pytest.approx(0.30)
+    assert a["retrieval_gap"] == pytest.approx(-0.01) and a["prompt_gain"] == pytest.approx(0.15) and a["recolor_prompt_gain"] == pytest.approx(0.30)
     assert out["hm b"]["cfg"] == "e2e cfg g=2" and out["hm b"]["matched"] and not out["hm b"]["better"]
     assert out["hm b"]["prompt_gain"] == pytest.approx(-0.05)
     assert out["hm c"]["cfg"] == "e2e cfg g=4" and not out["hm c"]["matched"] and not out["hm c"]["better"]
@@ -207,7 +213,7 @@ def test_cli_sweep_writes_table_json_and_plot(tiny_world_model, oracles_dir, hyp
     printed = capsys.readouterr().out
     for label in ("floor cfg g=3", "e2e cfg g=3", "e2e hm-cfg w_base=1 w_pers=1", "e2e hm-cfg w_base=3 w_pers=1"):
         assert f"| {label} |" in printed
-    assert "At equal subject fidelity" in printed and "min" in printed
+    assert "At equal retrieval top-1" in printed and "min" in printed
     result = json.loads(out_json.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert len(result["rows"]) == 1 + 1 + 1 + 2 and len(result["comparison"]) == 2
     assert result["settings"]["images_per_row"] == 4
@@ -307,7 +313,7 @@ def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_di
     assert labels == [r["label"] for r in a["rows"] if r["kind"] != "hm-cfg"] + ["e2e hm-cfg w_base=3 w_pers=1", "e2e hm-cfg w_base=2 w_pers=2"]
     assert [c["hm_cfg"] for c in merged["comparison"]] == labels[-2:]
     assert merged["rows"][-1]["subject"] == pytest.approx(b["rows"][-1]["subject"])
-    assert "| e2e hm-cfg w_base=2 w_pers=2 |" in printed and "At equal subject fidelity" in printed
+    assert "| e2e hm-cfg w_base=2 w_pers=2 |" in printed and "At equal retrieval top-1" in printed
     assert Image.open(plot).format == "PNG"
 
     assert [r["kind"] for r in b["rows"]] == ["references", "hm-cfg"]  # --kinds hm-cfg: no floor or CFG rows generated
@@ -315,7 +321,7 @@ def test_cli_merge_evals_joins_runs_of_one_protocol(tiny_world_model, oracles_di
         merge_results([("a", a), ("b", b)], keep=["e2e", "other"])
     other = {**b, "settings": {**b["settings"], "steps": 3}}
     (tmp_path / "other.json").write_text(json.dumps(other))
-    changed = {**b, "rows": [{**r, "subject": (r["subject"] or 0) + 0.5} if r["kind"] == "references" else r for r in b["rows"]]}
+    changed = {**b, "rows": [{**r, "retrieval": (r["retrieval"] or 0) + 0.5} if r["kind"] == "references" else r for r in b["rows"]]}
     (tmp_path / "changed.json").write_text(json.dumps(changed))
     elsewhere = {**b, "settings": {**b["settings"], "hypernet_folders": {"e2e": "runs/another"}}}
     (tmp_path / "elsewhere.json").write_text(json.dumps(elsewhere))

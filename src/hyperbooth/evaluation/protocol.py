@@ -118,7 +118,7 @@ class MethodConfig:
 
 @dataclass
 class MetricsConfig:
-    use: tuple[str, ...] = ("oracle_subject", "oracle_prompt")
+    use: tuple[str, ...] = ("oracle_retrieval", "oracle_auc", "oracle_subject", "oracle_prompt")
     dino: str | None = None  # a transformers vision checkpoint folder (DINO ViT-S/16: facebook/dino-vits16)
     clip: str | None = None  # a transformers CLIPModel folder with its tokenizer and image processor
     oracles: str | None = None  # the world's oracle folder (None: the shipped one)

@@ -1,5 +1,7 @@
 """The world's base model measured by the oracles (``hyperbooth world eval-base``): prompt fidelity per attribute on
-held-out prompts (held-out class-background combinations included) and sample diversity against renders.
+held-out prompts (held-out class-background combinations included), sample diversity against renders, and how
+crisply subjects are drawn: the attribute oracle's confidence in a generation's pattern and colours against its
+confidence on renders (a speckled blob has no clear pattern or secondary colour).
 
 Generations use CFG (:func:`hyperbooth.generate.generate` without a LoRA), chunk ``b`` of ``batch_size`` prompts
 seeded ``seed + b``.
@@ -21,7 +23,7 @@ from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE
 from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world.datasets import labels_of
-from hyperbooth.world.oracles import HEADS, Oracles, identity_views
+from hyperbooth.world.oracles import HEADS, AttributeClassifier, Oracles, identity_views
 from hyperbooth.world.splits import identity_seeds
 
 
@@ -49,6 +51,18 @@ def batched(items: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
+#: The attribute heads whose confidence tells a crisp subject from a speckled one (not the primary colour: a recolour
+#: prompt gives it a colour no head knows).
+CRISPNESS_HEADS = ("secondary", "pattern")
+
+
+@torch.no_grad()
+def attribute_confidence(attributes: AttributeClassifier, images: torch.Tensor) -> float:
+    """The attribute oracle's mean top-class probability over :data:`CRISPNESS_HEADS` and images (1 = sure)."""
+    logits = attributes(images)
+    return float(torch.stack([logits[h].softmax(-1).amax(-1).mean() for h in CRISPNESS_HEADS]).mean())
+
+
 def mean_pairwise_cos(z: torch.Tensor) -> float:
     """Mean cosine over distinct pairs of unit vectors ``z (n, d)``."""
     n = z.shape[0]
@@ -70,7 +84,8 @@ def evaluate_base_model(
     diversity_seeds: int = 6,
     grid_path=None,
 ) -> dict[str, float]:
-    """Generate ``num`` images from evaluation prompts; oracle accuracy per attribute; diversity against renders.
+    """Generate ``num`` images from evaluation prompts; oracle accuracy per attribute; diversity against renders;
+    with an attribute oracle, ``gen_attribute_confidence`` against ``render_attribute_confidence`` (crispness).
 
     ``grid_path``: also write the first generations as a PNG grid, one row per background (plain first).
     """
@@ -80,11 +95,14 @@ def evaluate_base_model(
     correct = {name: [] for name in HEADS}
     heldout = []
     kept = []
+    confidence = []
     for b, chunk in enumerate(batched(pairs, batch_size)):
         prompts = [ctx.prompt_for(c, context) for c, context in chunk]
         images = generate(model, prompts, None, seed=seed + b, **sample)
         pred = oracles.context.predict(images)
         kept.extend(zip(chunk, to_uint8(images)))
+        if oracles.attributes is not None:
+            confidence.append(attribute_confidence(oracles.attributes, images) * len(chunk))
         for i, (class_name, context) in enumerate(chunk):
             labels = labels_of(class_name, context)
             correct["class"].append(int(pred["class"][i] == labels["class"]))
@@ -119,6 +137,9 @@ def evaluate_base_model(
     results["gen_same_prompt_identity_cos"] = float(np.mean(gen_cos))
     results["render_same_identity_cos"] = float(np.mean(same_identity))
     results["render_different_identity_cos"] = mean_pairwise_cos(different)
+    if oracles.attributes is not None:
+        results["gen_attribute_confidence"] = sum(confidence) / num
+        results["render_attribute_confidence"] = attribute_confidence(oracles.attributes, renders)
     results["minutes"] = (time.perf_counter() - t0) / 60
     return results
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from hyperbooth.errors import ConfigError
 from hyperbooth.guidance import DEFAULT_PERS_INTERVAL
 from hyperbooth.methods.base import weights_digest
-from hyperbooth.world.comparison import compare_hm_cfg
+from hyperbooth.world.comparison import DEFAULT_TOLERANCE, compare_hm_cfg
 
 #: Settings that must agree for rows of several evaluation runs to sit in one table (a key one file lacks, e.g. one
 #: written before the key existed, is not compared).
@@ -32,8 +32,9 @@ def check_result(source: str, result) -> None:
     if not isinstance(result, Mapping) or not isinstance(result.get("settings"), Mapping) or not isinstance(result.get("rows"), list):
         raise ConfigError(f"{source}: not an eval-personalization result (it needs 'settings' and a list of 'rows')")
     for i, row in enumerate(result["rows"]):
-        if not isinstance(row, Mapping) or any(k not in row for k in ("label", "kind", "subject", "prompt")):
-            raise ConfigError(f"{source}: row {i} is not an eval-personalization row (it needs label, kind, subject, prompt)")
+        if not isinstance(row, Mapping) or any(k not in row for k in ("label", "kind", "retrieval", "subject", "prompt")):
+            raise ConfigError(f"{source}: row {i} is not an eval-personalization row (it needs label, kind, retrieval, subject, prompt); "
+                              "files written before retrieval top-1 existed must be measured again")
 
 
 def hypernet_source(folder: str | os.PathLike) -> str:
@@ -60,11 +61,11 @@ def select_hypernets(result: Mapping, labels: Sequence[str], source: str = "resu
     return {**result, "rows": [r for r in result["rows"] if r.get("hypernet") is None or r.get("hypernet") in labels], "settings": settings}
 
 
-def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = 0.02, keep: Sequence[str] | None = None) -> dict:
+def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = DEFAULT_TOLERANCE, keep: Sequence[str] | None = None) -> dict:
     """Rows of several :func:`~hyperbooth.world.personalization.evaluate_personalization` runs (``(source, result)``
     pairs, e.g. read from their ``--json`` files) as one result. The runs must share the protocol
     (:data:`MERGE_KEYS`) and, for a label they share, the personalizer; a row whose label an earlier run already has
-    is dropped when its subject and prompt fidelity are the same and refused when they differ. ``keep``: only these
+    is dropped when its retrieval, subject cosine and prompt fidelity are the same and refused when they differ. ``keep``: only these
     labels' rows (and the floor and the references); a label no file has is refused. The HM-CFG comparison is
     recomputed over the merged rows. Order: references and floor, then each personalizer in order of appearance:
     CFG rows by scale, then HM-CFG rows by w_base (descending), w_pers, timestep interval."""
@@ -95,12 +96,12 @@ def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = 0.0
             if old is None:
                 rows[row["label"]] = row
                 continue
-            same = all((math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-6 for a, b in ((old[k], row[k]) for k in ("subject", "prompt")))
-            if not same:
-                raise ConfigError(
-                    f"{source}: row {row['label']!r} has other figures than in an earlier file (subject {row['subject']:.6g} vs "
-                    f"{old['subject']:.6g}, prompt {row['prompt']:.6g} vs {old['prompt']:.6g}); label the runs apart"
-                )
+            differ = [k for k in ("retrieval", "subject", "prompt")
+                      if not ((math.isnan(old[k]) and math.isnan(row[k])) or abs(old[k] - row[k]) <= 1e-6)]
+            if differ:
+                k = differ[0]
+                raise ConfigError(f"{source}: row {row['label']!r} has other figures than in an earlier file ({k} {row[k]:.6g} vs "
+                                  f"{old[k]:.6g}); label the runs apart")
     kinds = {"references": 0, "floor": 1, "cfg": 2, "hm-cfg": 3}
     models = list(dict.fromkeys(r.get("hypernet") for r in rows.values()))
 

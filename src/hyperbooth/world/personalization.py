@@ -31,10 +31,10 @@ from hyperbooth.generate import generate
 from hyperbooth.lora.weights import LoRAWeights
 from hyperbooth.methods import Personalizer, load
 from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
-from hyperbooth.world.comparison import compare_hm_cfg
+from hyperbooth.world.comparison import DEFAULT_TOLERANCE, compare_hm_cfg
 from hyperbooth.world.contexts import CONTEXT_TYPES
 from hyperbooth.world.eval_base import batched
-from hyperbooth.world.fidelity import personalization_metrics, reference_images, standard_error, subject_fidelity
+from hyperbooth.world.fidelity import personalization_metrics, reference_images, reference_metrics
 from hyperbooth.world.identity import identity_class
 from hyperbooth.world.oracles import HEADS, Oracles
 from hyperbooth.world.protocol import EvalItem, RowSpec, check_positive, personalization_items, personalization_rows
@@ -196,16 +196,16 @@ def evaluate_personalization(
     seed: int = 0,
     batch_size: int = 48,
     scheduler: str = DEFAULT_SCHEDULER,
-    tolerance: float = 0.02,
+    tolerance: float = DEFAULT_TOLERANCE,
 ) -> dict:
-    """Subject and prompt fidelity of every row on ``num_identities`` held-out identities (see
-    :mod:`hyperbooth.world.protocol`).
+    """Subject fidelity (retrieval top-1 among 8, AUC, attribute recovery, raw cosine) and prompt fidelity of every
+    row on ``num_identities`` held-out identities (see :mod:`hyperbooth.world.protocol`).
 
     ``personalizers``: label → personalizer of any registered method, or its folder (a single object is labelled by
     its method's name); ``rows``: default the floor, CFG and HM-CFG of each at the generator's defaults. Returns
     ``{"rows": [...], "comparison": compare_hm_cfg(rows), "settings": {...}, "minutes": ...}``; each row a dict of its
     settings and figures, the first row the references' own subject fidelity (renders of the identity: the upper
-    reference). ``settings["methods"]``: label → the method's registered name.
+    reference, scored the same way). ``settings["methods"]``: label → the method's registered name.
     """
     t_start = time.perf_counter()
     personalizers = _resolve(personalizers, base)
@@ -229,14 +229,13 @@ def evaluate_personalization(
     items = personalization_items(seeds, prompts_per_identity)
     k_max = max([row.refs for row in rows if row.personalized], default=1)
     references = torch.stack([reference_images(s, k_max, resolution=base.resolution) for s in seeds])  # (N, k_max, 3, H, W)
-    ref_subject = subject_fidelity(oracles, references.flatten(0, 1), [s for s in seeds for _ in range(k_max)]).float()
     nan = float("nan")
     results = [{
         "label": f"references (renders, k={k_max})", "kind": "references", "hypernet": None, "method": None, "refs": k_max,
-        "guidance_scale": None, "w_base": None, "w_pers": None, "images": int(ref_subject.numel()),
-        "subject": float(ref_subject.mean()), "subject_sem": standard_error(ref_subject),
+        "guidance_scale": None, "w_base": None, "w_pers": None, "images": references.shape[0] * k_max,
+        **reference_metrics(oracles, references, seeds),
         "prompt": nan, **{f"prompt_{h}": nan for h in HEADS},
-        **{f"{m}_{t}": nan for t in CONTEXT_TYPES for m in ("subject", "prompt")},
+        **{f"{m}_{t}": nan for t in CONTEXT_TYPES for m in ("retrieval", "subject", "prompt")},
         "seconds_per_image": nan, "hypernet_ms_per_subject": nan,
     }]
 
@@ -261,7 +260,8 @@ def evaluate_personalization(
             "seconds_per_image": seconds / len(items),
             "hypernet_ms_per_subject": ms[row.hypernet, row.refs] if p else nan,
         })
-        log.info("row %d/%d %s: subject %.3f prompt %.3f (%.0f s)", r + 1, len(rows), row.label, results[-1]["subject"], results[-1]["prompt"], seconds)
+        log.info("row %d/%d %s: retrieval %.3f AUC %.3f prompt %.3f (%.0f s)", r + 1, len(rows), row.label, results[-1]["retrieval"],
+                 results[-1]["auc"], results[-1]["prompt"], seconds)
     used = dict.fromkeys(row.hypernet for row in rows if row.personalized)
     return {
         "rows": results,

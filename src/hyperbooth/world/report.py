@@ -13,6 +13,9 @@ from PIL import Image, ImageDraw, ImageFont
 from hyperbooth.errors import ConfigError
 from hyperbooth.files import atomic_write
 from hyperbooth.guidance import DEFAULT_PERS_INTERVAL
+from hyperbooth.world.comparison import DEFAULT_TOLERANCE
+from hyperbooth.world.fidelity import RETRIEVAL_CANDIDATES
+from hyperbooth.world.oracles import ATTRIBUTE_CHANCE
 from hyperbooth.world.protocol import ROW_KINDS, interval_tag
 
 
@@ -22,37 +25,44 @@ def _fmt(value, digits: int = 3, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+#: The chance level of each paired subject figure: retrieval top-1 among 8, the pairwise AUC, attribute recovery.
+CHANCE = {"retrieval": 1 / RETRIEVAL_CANDIDATES, "auc": 0.5, **{f"attr_{k}": v for k, v in ATTRIBUTE_CHANCE.items()}}
+
+
 def personalization_table(result: Mapping) -> str:
-    """The rows as a Markdown table."""
+    """The rows as a Markdown table: retrieval top-1 among 8 first (the headline), the pairwise AUC, attribute
+    recovery, the raw cosine beside them, prompt fidelity; a last row gives each subject figure's chance level."""
     columns = (
-        ("method", "label", None), ("subject", "subject", 3), ("± sem", "subject_sem", 3), ("prompt", "prompt", 3),
+        ("method", "label", None), ("retrieval top-1 of 8", "retrieval", 3), ("± sem", "retrieval_sem", 3), ("AUC", "auc", 3),
+        ("primary colour", "attr_primary", 3), ("secondary colour", "attr_secondary", 3), ("pattern", "attr_pattern", 3),
+        ("shape", "attr_shape", 3), ("cosine", "subject", 3), ("prompt", "prompt", 3),
         ("background", "prompt_background", 3), ("recolour", "prompt_recolor", 3), ("hat", "prompt_accessory", 3),
-        ("class", "prompt_class", 3), ("subject · recolour prompts", "subject_recolor", 3),
-        ("prompt · recolour prompts", "prompt_recolor", 3), ("s / image", "seconds_per_image", 3),
-        ("personalize ms / subject", "hypernet_ms_per_subject", 1),
+        ("class", "prompt_class", 3), ("retrieval · recolour prompts", "retrieval_recolor", 3),
+        ("s / image", "seconds_per_image", 3), ("personalize ms / subject", "hypernet_ms_per_subject", 1),
     )
     lines = ["| " + " | ".join(c[0] for c in columns) + " |", "|" + "|".join("---" if c[2] is None else "---:" for c in columns) + "|"]
     for row in result["rows"]:
-        lines.append("| " + " | ".join(str(row[key]) if digits is None else _fmt(row[key], digits) for _, key, digits in columns) + " |")
+        lines.append("| " + " | ".join(str(row[key]) if digits is None else _fmt(row.get(key), digits) for _, key, digits in columns) + " |")
+    lines.append("| " + " | ".join("*chance*" if key == "label" else _fmt(CHANCE.get(key), digits) for _, key, digits in columns) + " |")
     return "\n".join(lines)
 
 
-def comparison_table(comparison: Sequence[Mapping], tolerance: float = 0.02) -> str:
+def comparison_table(comparison: Sequence[Mapping], tolerance: float = DEFAULT_TOLERANCE) -> str:
     """:func:`compare_hm_cfg`'s answer as Markdown, with a one-line verdict."""
     if not comparison:
         return "(no HM-CFG rows to compare)"
     lines = [
-        f"| HM-CFG | nearest personalized CFG | Δ subject | Δ prompt | Δ prompt · recolour | within {tolerance:g} |",
+        f"| HM-CFG | nearest personalized CFG | Δ retrieval top-1 | Δ prompt | Δ prompt · recolour | within {tolerance:g} |",
         "|---|---|---:|---:|---:|:---:|",
     ]
     for c in comparison:
-        lines.append(f"| {c['hm_cfg']} | {c['cfg'] or '–'} | {_fmt(c['subject_gap'], signed=True)} | {_fmt(c['prompt_gain'], signed=True)} | {_fmt(c['recolor_prompt_gain'], signed=True)} | {'yes' if c['matched'] else 'no'} |")
+        lines.append(f"| {c['hm_cfg']} | {c['cfg'] or '–'} | {_fmt(c['retrieval_gap'], signed=True)} | {_fmt(c['prompt_gain'], signed=True)} | {_fmt(c['recolor_prompt_gain'], signed=True)} | {'yes' if c['matched'] else 'no'} |")
     matched = [c for c in comparison if c["matched"]]
     better = sum(c["better"] for c in matched)
     recolor_better = sum(c["recolor_prompt_gain"] > 0 for c in matched)
     lines.append("")
     lines.append(
-        f"At equal subject fidelity (within {tolerance:g}): HM-CFG's prompt fidelity is above personalized CFG's in "
+        f"At equal retrieval top-1 (within {tolerance:g}): HM-CFG's prompt fidelity is above personalized CFG's in "
         f"{better} of {len(matched)} matched HM-CFG rows ({recolor_better} of {len(matched)} on recolour prompts); "
         f"{len(comparison) - len(matched)} of {len(comparison)} HM-CFG rows had no CFG row that close."
     )
@@ -74,12 +84,12 @@ _PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 
 def plot_fidelity(rows: Sequence[Mapping], path, size: tuple[int, int] = (720, 540)):
-    """Subject fidelity (x) vs prompt fidelity (y), drawn with PIL and written as PNG: one line per series (the
+    """Subject fidelity (retrieval top-1 among 8, x) vs prompt fidelity (y), drawn with PIL and written as PNG: one line per series (the
     floor and each personalized CFG over guidance scales; HM-CFG over ``w_pers`` at each ``w_base``), points
     labelled by their setting, the references' subject fidelity as a dashed vertical line."""
-    points = [r for r in rows if r.get("kind") in ROW_KINDS and math.isfinite(r["subject"]) and math.isfinite(r["prompt"])]
+    points = [r for r in rows if r.get("kind") in ROW_KINDS and math.isfinite(r["retrieval"]) and math.isfinite(r["prompt"])]
     if not points:
-        raise ConfigError("no row has finite subject and prompt fidelity to plot")
+        raise ConfigError("no row has finite retrieval top-1 and prompt fidelity to plot")
     series: dict[str, list] = {}
     for r in points:
         model = f"{r.get('hypernet')}" + (f" k={r['refs']}" if r.get("refs", 1) != 1 else "")
@@ -90,8 +100,8 @@ def plot_fidelity(rows: Sequence[Mapping], path, size: tuple[int, int] = (720, 5
         else:
             when = interval_tag(r.get("pers_interval") or DEFAULT_PERS_INTERVAL)
             name, order, tag = f"{model} HM-CFG w_base={r['w_base']:g}{when}", r["w_pers"], f"{r['w_base']:g}/{r['w_pers']:g}"
-        series.setdefault(name, []).append((order, r["subject"], r["prompt"], tag))
-    refs = [r["subject"] for r in rows if r.get("kind") == "references" and math.isfinite(r["subject"])]
+        series.setdefault(name, []).append((order, r["retrieval"], r["prompt"], tag))
+    refs = [r["retrieval"] for r in rows if r.get("kind") == "references" and math.isfinite(r["retrieval"])]
     xs = [p[1] for s in series.values() for p in s]
     ys = [p[2] for s in series.values() for p in s]
     x0, x1 = min(xs), max(xs)
@@ -121,7 +131,7 @@ def plot_fidelity(rows: Sequence[Mapping], path, size: tuple[int, int] = (720, 5
         draw.text((gx - 12, h - bottom + 6), f"{tx:.2f}", fill="black", font=font)
         draw.line([left - 4, gy, left, gy], fill="black")
         draw.text((left - 34, gy - 5), f"{ty:.2f}", fill="black", font=font)
-    draw.text(((w - 120) / 2, h - 18), "subject fidelity", fill="black", font=font)
+    draw.text(((w - 120) / 2, h - 18), "subject fidelity: retrieval top-1 of 8", fill="black", font=font)
     draw.text((w - right - 250, h - 18), "points: g = CFG scale, a/b = w_base/w_pers", fill=(120, 120, 120), font=font)
     draw.text((4, 4), "prompt fidelity", fill="black", font=font)
     for i, x in enumerate(off_axis):

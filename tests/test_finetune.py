@@ -240,6 +240,22 @@ def test_time_to_equal_fidelity_interpolates_between_checkpoints():
         bench.time_to_reach([0, 1], [0.1], 0.2)
 
 
+def test_benchmark_full_dreambooth_on_validation_identities(tiny_world_model, tmp_path, capsys):
+    from hyperbooth.world.oracles import ContextClassifier, IdentityEncoder, OracleTrainConfig, save_oracles
+    from hyperbooth.world.splits import split_of
+
+    oracles = save_oracles(tmp_path / "oracles", IdentityEncoder(), ContextClassifier(), OracleTrainConfig(), {})
+    code = _benchmark().main(["--model", str(tiny_world_model), "--oracles", str(oracles), "--no-hypernet", "--split", "val", "--method", "full",
+                              "--lr", "1e-3", "--identities", "1", "--k", "1", "--checkpoints", "0", "2", "--prompts", "2", "--sample-steps", "2",
+                              "--json", str(tmp_path / "full.json")])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "full.json").read_text())
+    assert code == 0 and "full DreamBooth, lr 0.001" in out and "1 val identities" in out
+    assert all(split_of(s) == "val" for s in result["identities"])
+    curve = result["dreambooth_lora"]["curve"]
+    assert curve[0]["subject"] != curve[1]["subject"]  # the fine-tuned UNet samples other images than step 0
+
+
 def test_checkpoint_steps_double_up_to_the_maximum():
     bench = _benchmark()
     assert bench.checkpoint_steps(400) == [0, 25, 50, 100, 200, 400]
@@ -255,21 +271,23 @@ def test_benchmark_runs_end_to_end_on_tiny_models(tiny_world_model, tmp_path, ca
     hypernet = E2EHyperNetwork(E2EConfig(d_model=32, layers=1, heads=2, encoder_dim=16), target_shapes(unet)).save_pretrained(tmp_path / "hypernet")
     oracles = save_oracles(tmp_path / "oracles", IdentityEncoder(), ContextClassifier(), OracleTrainConfig(), {})
     code = _benchmark().main(["--model", str(tiny_world_model), "--oracles", str(oracles), "--hypernet", str(hypernet),
-                              "--identities", "2", "--k", "2", "--checkpoints", "0", "1", "2", "--contexts", "snow", "red",
+                              "--identities", "2", "--k", "2", "--checkpoints", "0", "1", "2", "--prompts", "2",
                               "--sample-steps", "2", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
     out = capsys.readouterr().out
     assert code == 0 and "time-to-equal-fidelity" in out and "torch" in out and "command:" in out
     result = json.loads((tmp_path / "r.json").read_text())
     curve = result["dreambooth_lora"]["curve"]
     assert [c["step"] for c in curve] == [0, 1, 2] and curve[0]["seconds"] <= curve[1]["seconds"] <= curve[2]["seconds"]
-    assert result["hypernet"]["ms_per_subject"] > 0 and -1 <= result["hypernet"]["subject_fidelity"] <= 1
+    assert result["hypernet"]["ms_per_subject"] > 0 and -1 <= result["hypernet"]["subject"] <= 1 and 0 <= result["hypernet"]["retrieval"] <= 1
+    assert "retrieval" in out and "AUC" in out
     # the untrained hypernetwork predicts ΔW = 0, so it samples exactly what step 0 (the base model) samples
-    assert result["hypernet"]["subject_fidelity"] == pytest.approx(curve[0]["subject_fidelity"], abs=1e-5)
+    assert result["hypernet"]["subject"] == pytest.approx(curve[0]["subject"], abs=1e-5)
+    assert result["hypernet"]["retrieval"] == curve[0]["retrieval"]
     with Image.open(tmp_path / "r.png") as im:
         assert im.size == (720, 460)
     # the curve of that run is reused as is (no fine-tuning) when the settings match, refused when they do not
     args = ["--model", str(tiny_world_model), "--oracles", str(oracles), "--hypernet", str(hypernet), "--identities", "2", "--k", "2",
-            "--checkpoints", "0", "1", "2", "--contexts", "snow", "red", "--sample-steps", "2", "--reuse-curve", str(tmp_path / "r.json")]
+            "--checkpoints", "0", "1", "2", "--prompts", "2", "--sample-steps", "2", "--reuse-curve", str(tmp_path / "r.json")]
     assert _benchmark().main([*args, "--json", str(tmp_path / "again.json")]) == 0
     assert "taken from" in capsys.readouterr().out
     again = json.loads((tmp_path / "again.json").read_text())
@@ -278,6 +296,8 @@ def test_benchmark_runs_end_to_end_on_tiny_models(tiny_world_model, tmp_path, ca
 
     with pytest.raises(ConfigError, match="lr=0.0001.*lr=0.001"):
         _benchmark().main([*args, "--lr", "1e-3"])
+    with pytest.raises(ConfigError, match="method='lora'.*method='full'"):
+        _benchmark().main([*args, "--method", "full"])
     with pytest.raises(ConfigError, match="identities"):
         _benchmark().main([*args[:-1], str(tmp_path / "r.json"), "--identities", "1"])
     # the base model and the oracles are compared by their weights, not their paths

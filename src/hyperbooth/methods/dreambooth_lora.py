@@ -91,6 +91,11 @@ class FinetuneConfig:
             raise ConfigError(f"token={self.token!r} must be one non-empty word")
 
 
+#: DreamBooth-LoRA as tuned for the world's ceiling on validation identities (``benchmarks/time_vs_fidelity.py
+#: --split val``; the sweep is in BENCHMARKS.md): the diffusers recipe's lr 1e-4 had barely started at 400 steps.
+WORLD_CEILING = FinetuneConfig(steps=1000, rank=4, lr=1e-3)
+
+
 @dataclass
 class FinetuneStats:
     """What one fine-tuning run cost: wall seconds (callbacks excluded; class images included), and its losses."""
@@ -199,7 +204,7 @@ def finetune(
             outside += time.perf_counter() - t0
 
     unet = base.unet
-    device, dtype = unet.device, unet.dtype
+    device = unet.device
     generator = torch.Generator().manual_seed(cfg.seed)
     if init is None:
         # the trained factors stay float32 on a half-precision backbone (an update of lr 1e-4 is lost to bf16
@@ -208,6 +213,30 @@ def finetune(
     else:
         weights = trainable_copy(init, device=device, dtype=torch.float32)
     params = [p for layer in weights.values() for p in (layer.A, layer.B)]
+
+    def predict(x_t, t, cond):
+        with base.apply_lora(weights, mode="shared"):
+            return base.denoise(x_t, t, cond)
+
+    requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+    unet.requires_grad_(False)
+    try:
+        stats = fit(base, images, class_name, cfg, params, predict, lambda step: call(step, weights), generator, progress)
+    finally:
+        for name, p in unet.named_parameters():
+            p.requires_grad_(requires_grad[name])
+    stats.seconds = time.perf_counter() - t_start - outside
+    log.info("fine-tuned %d steps in %.1f s (class images %.1f s)", cfg.steps, stats.seconds, stats.class_image_seconds)
+    return _snapshot(weights), stats
+
+
+def fit(base: Backbone, images: torch.Tensor, class_name: str, cfg: FinetuneConfig, params: list[torch.Tensor],
+        predict: Callable, call: Callable[[int], None], generator: torch.Generator, progress: bool = False) -> FinetuneStats:
+    """The DreamBooth loop shared by the LoRA and the full fine-tune: ``cfg.steps`` AdamW steps (constant lr) on
+    ``params`` of the diffusion loss of ``predict(x_t, t, cond)`` on the subject images (rare-token prompt) and, with
+    prior preservation, on class images of the frozen model (class prompt). ``call(step)`` at step 0 and after each
+    step. Returns the stats (``seconds`` left for the caller, who knows what its callbacks cost)."""
+    device, dtype = base.unet.device, base.unet.dtype
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # constant lr
     scheduler = training_scheduler(base.scheduler.config)
     with torch.no_grad():
@@ -225,11 +254,9 @@ def finetune(
     subject_order = _cycle(images.shape[0], generator)
     prior_order = _cycle(priors.shape[0], generator) if priors is not None else None
     stats = FinetuneStats(seconds=0.0, class_image_seconds=class_seconds, steps=cfg.steps)
-    requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
-    unet.requires_grad_(False)
     bar = tqdm(total=cfg.steps, desc="finetune", dynamic_ncols=True) if progress else None
     try:
-        call(0, weights)
+        call(0)
         for step in range(1, cfg.steps + 1):
             x0 = images[[next(subject_order) for _ in range(b)]]  # (b, 3, H, W)
             if priors is not None:
@@ -238,8 +265,7 @@ def finetune(
             noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=dtype)
             t = torch.randint(0, base.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
             x_t, target = forward_process(scheduler, x0, noise, t)
-            with base.apply_lora(weights, mode="shared"):
-                pred = base.denoise(x_t, t, cond)
+            pred = predict(x_t, t, cond)
             loss = subject_loss = diffusion_loss(pred[:b], target[:b])
             if priors is not None:
                 prior_loss = diffusion_loss(pred[b:], target[b:])
@@ -253,15 +279,11 @@ def finetune(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{subject_loss.item():.4f}")
-            call(step, weights)
+            call(step)
     finally:
         if bar is not None:
             bar.close()
-        for name, p in unet.named_parameters():
-            p.requires_grad_(requires_grad[name])
-    stats.seconds = time.perf_counter() - t_start - outside
-    log.info("fine-tuned %d steps in %.1f s (class images %.1f s)", cfg.steps, stats.seconds, class_seconds)
-    return _snapshot(weights), stats
+    return stats
 
 
 # -- as a method ---------------------------------------------------------------------------------------------------

@@ -79,11 +79,11 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 
 def _load_preset(path: Path):
-    """A shipped preset with the loader of the command it is written for (eval_*: `hyperbooth eval`, world_base:
+    """A shipped preset with the loader of the command it is written for (eval_*: `hyperbooth eval`, world_base*:
     `hyperbooth train-base`, the rest: `hyperbooth train`)."""
     if path.name.startswith("eval_"):
         return load_config(EvalConfig, path)
-    if path.name == "world_base.yaml":
+    if path.name.startswith("world_base"):
         return load_config(BaseTrainConfig, path)
     return load_train_config(path)
 

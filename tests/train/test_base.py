@@ -65,3 +65,16 @@ def test_bad_config_values_are_named(tmp_path):
 def test_missing_or_damaged_model_names_file_and_fix(tmp_path):
     with pytest.raises(CheckpointError, match="model_index.json.*train-base"):
         WorldBackbone.from_pretrained(tmp_path)
+
+
+def test_init_from_continues_a_model_and_refuses_another_shape(tmp_path):
+    first = train_base(_cfg(tmp_path / "one", "optim.max_steps=1"))
+    start = WorldBackbone.from_pretrained(first).unet.state_dict()
+    cont = _cfg(tmp_path / "two", "optim.max_steps=1", f"init_from={first}", "optim.lr=1e-12", "optim.ema_decay=0")
+    second = WorldBackbone.from_pretrained(train_base(cont)).unet.state_dict()
+    # a vanishing learning rate: the continued model is the first one (fp16 export both times), not a fresh init
+    assert all(torch.allclose(second[k].float(), start[k].float(), atol=1e-3) for k in start)
+    with pytest.raises(ConfigError, match="init_from=.*block_out_channels"):
+        train_base(_cfg(tmp_path / "three", "optim.max_steps=1", f"init_from={first}", "unet={block_out_channels: [8, 16, 16], norm_num_groups: 8}"))
+    with pytest.raises(ConfigError, match="init_from=.*nowhere"):
+        train_base(_cfg(tmp_path / "four", "optim.max_steps=1", f"init_from={tmp_path / 'nowhere'}"))

@@ -82,6 +82,17 @@ def test_three_steps_checkpoint_and_exact_resume(tiny_world_model, tmp_path):
         train(_cfg(tiny_world_model, part, "optim.max_steps=3", "optim.lr=1e-3"), resume=True)
 
 
+def test_init_from_starts_from_a_saved_hypernetwork(tiny_world_model, tmp_path):
+    first = train(_cfg(tiny_world_model, tmp_path / "a", "optim.max_steps=2"))
+    cont = train(_cfg(tiny_world_model, tmp_path / "b", "optim.max_steps=1", f"init_from={first}", "optim.lr=1e-12", "optim.ema_decay=0"))
+    a, b = E2EHyperNetwork.from_pretrained(first).state_dict(), E2EHyperNetwork.from_pretrained(cont).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    fresh = E2EHyperNetwork.from_pretrained(train(_cfg(tiny_world_model, tmp_path / "c", "optim.max_steps=1", "optim.lr=1e-12"))).state_dict()
+    assert any(not torch.allclose(a[k], fresh[k], atol=1e-6) for k in a)
+    with pytest.raises(ConfigError, match="init_from=.*does not fit"):
+        train(_cfg(tiny_world_model, tmp_path / "d", "optim.max_steps=1", f"init_from={first}", "hypernet.rank=3"))
+
+
 def test_lambda_zero_and_the_methods_scalars_logged(tiny_world_model, tmp_path):
     train(_cfg(tiny_world_model, tmp_path, "optim.max_steps=2", "hypernet.output_reg=0", "data.mode=same"))
     with open(tmp_path / "log.csv") as f:

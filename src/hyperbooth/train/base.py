@@ -69,6 +69,7 @@ class DiffusionConfig:
 class BaseTrainConfig:
     out_dir: str = "runs/world_base"
     unet: dict = field(default_factory=dict)  # overrides of WORLD_UNET_CONFIG
+    init_from: str = ""  # a world model folder whose UNet starts the run (continued training); "" = random init
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -92,6 +93,21 @@ def build_unet(cfg: BaseTrainConfig) -> UNet2DConditionModel:
         return UNet2DConditionModel(**config)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"unet config is invalid: {e}") from None
+
+
+def init_unet(unet: UNet2DConditionModel, folder: str) -> None:
+    """Start from the UNet of the world model folder ``folder`` (its config must equal the run's)."""
+    path = Path(folder) / "unet"
+    try:
+        source = UNet2DConditionModel.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"init_from={folder!r}: no readable world model UNet in {path} ({type(e).__name__}: {e})") from None
+    differ = [k for k in unet.config if k != "_name_or_path" and not k.startswith("_") and unet.config[k] != source.config.get(k)]
+    if differ:
+        raise ConfigError(f"init_from={folder!r}: its UNet config differs from the run's in {differ[0]!r} "
+                          f"({source.config.get(differ[0])!r} vs {unet.config[differ[0]]!r})")
+    unet.load_state_dict(source.state_dict())
+    log.info("initialised the UNet from %s", path)
 
 
 def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -144,7 +160,10 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    unet = build_unet(cfg).to(device).train()
+    unet = build_unet(cfg)
+    if cfg.init_from:
+        init_unet(unet, cfg.init_from)
+    unet = unet.to(device).train()
     scheduler = build_scheduler(cfg.diffusion)
     text = TextEncoder.minilm(max_length=cfg.data.text_max_length)
     optimizer, lr_schedule = build_optimizer(unet.parameters(), cfg.optim)

@@ -68,6 +68,7 @@ class TrainConfig:
     method: str = "e2e"  # a registered trainable method (hyperbooth.methods.METHODS)
     base_model: str = ""  # backbone: a diffusers pipeline folder or hub id, the world's model folder; empty = the shipped world model
     out_dir: str = "runs/hyper"
+    init_from: str = ""  # a saved personalizer folder of the same method and shapes whose weights start the run; "" = fresh
     hypernet: dict = field(default_factory=dict)  # the method's own config (its config_class); typed by load_train_config
     data: DataConfig = field(default_factory=DataConfig)
     optim: TrainOptimConfig = field(default_factory=TrainOptimConfig)
@@ -91,6 +92,22 @@ class TrainConfig:
 
 
 # -- config -------------------------------------------------------------------------------------------------------
+
+
+def init_personalizer(personalizer: Personalizer, folder: str) -> None:
+    """Start from the weights of the personalizer saved in ``folder`` (same method, same parameter names and shapes:
+    e.g. a shipped hypernetwork fine-tuned further, on a continued base model or new data); the first mismatch is
+    named."""
+    source = methods.load(folder)
+    if source.method != personalizer.method:
+        raise ConfigError(f"init_from={folder!r} holds a {source.method!r} personalizer, this run trains {personalizer.method!r}")
+    own, theirs = personalizer.state_dict(), source.state_dict()
+    for key in sorted(set(own) | set(theirs)):
+        if key not in own or key not in theirs or own[key].shape != theirs[key].shape:
+            what = f"{tuple(theirs[key].shape)} vs {tuple(own[key].shape)}" if key in own and key in theirs else ("missing there" if key in own else "not in this run")
+            raise ConfigError(f"init_from={folder!r} does not fit this run's {personalizer.method} config: {key!r} ({what})")
+    personalizer.load_state_dict({k: v.to(own[k].dtype) for k, v in theirs.items()})
+    log.info("initialised the %s personalizer from %s", personalizer.method, folder)
 
 
 def trainable_method(name: str, source: str = "config") -> type[Personalizer]:
@@ -209,6 +226,8 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
 
     torch.manual_seed(cfg.seed)
     personalizer = method_cls.for_backbone(method_cfg, backbone).to(device).train()
+    if cfg.init_from:
+        init_personalizer(personalizer, cfg.init_from)
     params = [p for p in personalizer.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"method {cfg.method!r} with this hypernet config has no trainable parameters")

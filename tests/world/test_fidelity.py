@@ -39,6 +39,12 @@ def test_distractors_are_other_held_out_identities_of_the_class():
     assert picked == distractors(seed)  # deterministic: every method is ranked against the same candidates
     assert len({tuple(distractors(s)) for s in identity_seeds("test", 6)}) > 1
     assert DISTRACTOR_POOL > RETRIEVAL_CANDIDATES
+    from hyperbooth.world.identity import make_identity
+
+    same = distractors(seed, same_color=True)
+    assert len(set(same)) == RETRIEVAL_CANDIDATES - 1 and seed not in same
+    assert {make_identity(s).primary for s in same} == {make_identity(seed).primary}  # colour alone cannot decide
+    assert all(split_of(s) == "test" and identity_class(s) == identity_class(seed) for s in same)
 
 
 def test_retrieval_and_auc_on_hand_made_embeddings():

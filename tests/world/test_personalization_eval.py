@@ -123,7 +123,7 @@ def test_evaluate_personalization_table(base, oracles, hypernet_dir):
         if row["kind"] == "references":
             continue
         assert row["images"] == 6
-        for key in ("retrieval", "auc", "subject", "prompt", "prompt_class", "prompt_background", "prompt_recolor", "retrieval_recolor",
+        for key in ("retrieval", "auc", "retrieval_same_color", "subject", "prompt", "prompt_class", "prompt_background", "prompt_recolor", "retrieval_recolor",
                     "subject_recolor", "prompt_recolor", "attr_pattern", "attr_shape", "seconds_per_image"):
             assert math.isfinite(row[key]), (row["label"], key)
         assert math.isnan(row["prompt_accessory"])  # 3 prompts per identity: plain, background, recolour
@@ -132,7 +132,7 @@ def test_evaluate_personalization_table(base, oracles, hypernet_dir):
     assert comparison["hm_cfg"] == "e2e k=2 hm-cfg w_base=3 w_pers=1" and comparison["cfg"] == "e2e k=2 cfg g=3"
     table = personalization_table(result)
     assert all(f"| {label} |" in table for label in labels) and "nan" not in table
-    assert table.splitlines()[-1].startswith("| *chance* | 0.125 | – | 0.500 | 0.100 | 0.091 | 0.167 | 0.200 |")
+    assert table.splitlines()[-1].startswith("| *chance* | 0.125 | – | 0.500 | 0.125 | 0.100 | 0.091 | 0.167 | 0.200 |")
     again = evaluate_personalization(base, oracles, hypernets, rows[:1], num_identities=2, prompts_per_identity=3, steps=2)
     assert again["rows"][1]["subject"] == result["rows"][1]["subject"]  # seeded
 

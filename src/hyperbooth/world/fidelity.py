@@ -65,29 +65,31 @@ def identity_prototype(oracles: Oracles, identity_seed: int, views: int = 8, see
     return oracles.prototypes[key]
 
 
-_POOLS: dict[str, list[int]] = {}
+_POOLS: dict[tuple, list[int]] = {}
 
 
-def distractors(identity_seed: int, n: int = RETRIEVAL_CANDIDATES - 1) -> list[int]:
-    """``n`` other identities of ``identity_seed``'s class, drawn from the first :data:`DISTRACTOR_POOL` of the test
-    split (also for a validation identity); deterministic in the seed, so every method is ranked against the same
-    candidates."""
-    class_name = identity_class(identity_seed)
-    if class_name not in _POOLS:
+def distractors(identity_seed: int, n: int = RETRIEVAL_CANDIDATES - 1, same_color: bool = False) -> list[int]:
+    """``n`` other identities of ``identity_seed``'s class (and, with ``same_color``, of its primary colour), drawn
+    from the first :data:`DISTRACTOR_POOL` such identities of the test split (also for a validation identity);
+    deterministic in the seed, so every method is ranked against the same candidates."""
+    identity = make_identity(identity_seed)
+    key = (identity.class_name, identity.primary if same_color else None)
+    if key not in _POOLS:
         pool, it = [], identity_seeds("test", 10**9)
         while len(pool) < DISTRACTOR_POOL:
             s = next(it)
-            if identity_class(s) == class_name:
+            other = make_identity(s)
+            if other.class_name == key[0] and (key[1] is None or other.primary == key[1]):
                 pool.append(s)
-        _POOLS[class_name] = pool
-    pool = [s for s in _POOLS[class_name] if s != identity_seed]
-    rng = np.random.default_rng([int(identity_seed), 23])
+        _POOLS[key] = pool
+    pool = [s for s in _POOLS[key] if s != identity_seed]
+    rng = np.random.default_rng([int(identity_seed), 23 if not same_color else 29])
     return [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
 
 
 @torch.no_grad()
 def identity_retrieval(oracles: Oracles, images: torch.Tensor, identity_seeds: Sequence[int], recolors: Sequence[str | None] | None = None,
-                       candidates: int = RETRIEVAL_CANDIDATES) -> dict[str, torch.Tensor]:
+                       candidates: int = RETRIEVAL_CANDIDATES, same_color: bool = False) -> dict[str, torch.Tensor]:
     """Subject fidelity paired across identities, per image ``(B,)``. Under a recolour prompt (``recolors[i]``) every
     candidate's prototype is made of renders in that colour, so an image that follows the prompt is not penalised and
     the identity is told apart by its shape, secondary colour and pattern.
@@ -97,6 +99,9 @@ def identity_retrieval(oracles: Oracles, images: torch.Tensor, identity_seeds: S
     - ``auc``: the fraction of those other identities it is closer to its own than to (ties count one half), the
       pairwise AUC; chance 0.5;
     - ``rank``: 1 + the number of other identities at least as close as its own (1 = retrieved).
+
+    ``same_color``: the other candidates also share the identity's primary colour, so colour alone cannot decide and
+    only shape, secondary colour and pattern can (a speckled blob of the right colour scores chance).
     """
     if len(identity_seeds) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(identity_seeds)} identity seeds")
@@ -106,7 +111,7 @@ def identity_retrieval(oracles: Oracles, images: torch.Tensor, identity_seeds: S
     z = oracles.identity(images)  # (B, d), unit norm
     top1, auc, rank = [], [], []
     for i, (seed, recolor) in enumerate(zip(identity_seeds, recolors)):
-        protos = torch.stack([identity_prototype(oracles, s, recolor=recolor) for s in (seed, *distractors(seed, candidates - 1))])  # (C, d)
+        protos = torch.stack([identity_prototype(oracles, s, recolor=recolor) for s in (seed, *distractors(seed, candidates - 1, same_color))])  # (C, d)
         sims = protos @ z[i]  # (C,)
         own, others = sims[0], sims[1:]
         top1.append(float(bool((own > others).all())))
@@ -178,7 +183,8 @@ def standard_error(values: torch.Tensor) -> float:
 @torch.no_grad()
 def personalization_metrics(oracles: Oracles, images: torch.Tensor, items: Sequence) -> dict[str, float]:
     """The figures of one set of generations: identity retrieval top-1 among 8 (``retrieval``, the headline, and its
-    standard error ``retrieval_sem``), the pairwise AUC (``auc``), attribute recovery (``attr_<attribute>``), the raw
+    standard error ``retrieval_sem``), the pairwise AUC (``auc``), retrieval among 8 of the same class and primary
+    colour (``retrieval_same_color``), attribute recovery (``attr_<attribute>``), the raw
     subject cosine (``subject``, ``subject_sem``), prompt fidelity (``prompt``: all named attributes right;
     ``prompt_<attribute>`` each), and per context type (``retrieval_<type>``, ``subject_<type>``, ``prompt_<type>``,
     :data:`~hyperbooth.world.contexts.CONTEXT_TYPES`).
@@ -190,11 +196,12 @@ def personalization_metrics(oracles: Oracles, images: torch.Tensor, items: Seque
     subject = subject_fidelity(oracles, images, seeds).float()
     recolors = [it.context.recolor for it in items]
     retrieval = identity_retrieval(oracles, images, seeds, recolors)
+    same_color = identity_retrieval(oracles, images, seeds, recolors, same_color=True)
     attributes = attribute_recovery(oracles, images, seeds, recolors)
     prompt = prompt_fidelity(oracles, images, [it.class_name for it in items], [it.context for it in items])
     out = {
         "retrieval": float(retrieval["top1"].mean()), "retrieval_sem": standard_error(retrieval["top1"]),
-        "auc": float(retrieval["auc"].mean()),
+        "auc": float(retrieval["auc"].mean()), "retrieval_same_color": float(same_color["top1"].mean()),
         **{f"attr_{name}": nanmean(v) for name, v in attributes.items()},
         "subject": float(subject.mean()), "subject_sem": standard_error(subject), "prompt": nanmean(prompt["context"]),
     }
@@ -216,10 +223,12 @@ def reference_metrics(oracles: Oracles, references: torch.Tensor, identity_seeds
     images = references.flatten(0, 1)
     seeds = [s for s in identity_seeds for _ in range(references.shape[1])]
     retrieval = identity_retrieval(oracles, images, seeds)
+    same_color = identity_retrieval(oracles, images, seeds, same_color=True)
     subject = subject_fidelity(oracles, images, seeds).float()
     attributes = attribute_recovery(oracles, images, seeds, [None] * len(seeds))
     return {
         "retrieval": float(retrieval["top1"].mean()), "retrieval_sem": standard_error(retrieval["top1"]), "auc": float(retrieval["auc"].mean()),
+        "retrieval_same_color": float(same_color["top1"].mean()),
         **{f"attr_{name}": nanmean(v) for name, v in attributes.items()},
         "subject": float(subject.mean()), "subject_sem": standard_error(subject),
     }

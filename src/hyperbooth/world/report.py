@@ -26,7 +26,7 @@ def _fmt(value, digits: int = 3, signed: bool = False) -> str:
 
 
 #: The chance level of each paired subject figure: retrieval top-1 among 8, the pairwise AUC, attribute recovery.
-CHANCE = {"retrieval": 1 / RETRIEVAL_CANDIDATES, "auc": 0.5, **{f"attr_{k}": v for k, v in ATTRIBUTE_CHANCE.items()}}
+CHANCE = {"retrieval": 1 / RETRIEVAL_CANDIDATES, "auc": 0.5, "retrieval_same_color": 1 / RETRIEVAL_CANDIDATES, **{f"attr_{k}": v for k, v in ATTRIBUTE_CHANCE.items()}}
 
 
 def personalization_table(result: Mapping) -> str:
@@ -34,7 +34,7 @@ def personalization_table(result: Mapping) -> str:
     recovery, the raw cosine beside them, prompt fidelity; a last row gives each subject figure's chance level."""
     columns = (
         ("method", "label", None), ("retrieval top-1 of 8", "retrieval", 3), ("± sem", "retrieval_sem", 3), ("AUC", "auc", 3),
-        ("primary colour", "attr_primary", 3), ("secondary colour", "attr_secondary", 3), ("pattern", "attr_pattern", 3),
+        ("retrieval · same colour", "retrieval_same_color", 3), ("primary colour", "attr_primary", 3), ("secondary colour", "attr_secondary", 3), ("pattern", "attr_pattern", 3),
         ("shape", "attr_shape", 3), ("cosine", "subject", 3), ("prompt", "prompt", 3),
         ("background", "prompt_background", 3), ("recolour", "prompt_recolor", 3), ("hat", "prompt_accessory", 3),
         ("class", "prompt_class", 3), ("retrieval · recolour prompts", "retrieval_recolor", 3),

@@ -95,11 +95,13 @@ class IdentityEncoder(nn.Module):
         return F.normalize(self.head(self.backbone(x)), dim=-1)  # (B, dim), unit norm
 
 
-class ContextClassifier(nn.Module):
-    def __init__(self, width: int = 32):
+class _HeadClassifier(nn.Module):
+    """The CNN backbone with one linear head per label set: ``sizes`` name → number of classes."""
+
+    def __init__(self, sizes: dict[str, int], width: int = 32):
         super().__init__()
         self.backbone = _Backbone(width)
-        self.heads = nn.ModuleDict({name: nn.Linear(2 * self.backbone.out_dim, len(v)) for name, v in _vocab().items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(2 * self.backbone.out_dim, n) for name, n in sizes.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.backbone(x)
@@ -111,22 +113,18 @@ class ContextClassifier(nn.Module):
         return {name: logits.argmax(dim=-1) for name, logits in self(x).items()}
 
 
-class AttributeClassifier(nn.Module):
+class ContextClassifier(_HeadClassifier):
+    """image → logits for class, background, recolour and accessory."""
+
+    def __init__(self, width: int = 32):
+        super().__init__({name: len(v) for name, v in _vocab().items()}, width)
+
+
+class AttributeClassifier(_HeadClassifier):
     """image → logits for the identity's primary colour, secondary colour, pattern and each shape parameter's level."""
 
     def __init__(self, width: int = 32):
-        super().__init__()
-        self.backbone = _Backbone(width)
-        self.heads = nn.ModuleDict({name: nn.Linear(2 * self.backbone.out_dim, n) for name, n in _ATTRIBUTE_SIZES.items()})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.backbone(x)
-        return {name: head(h) for name, head in self.heads.items()}
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Predicted level per head, ``(B,)`` each."""
-        return {name: logits.argmax(dim=-1) for name, logits in self(x).items()}
+        super().__init__(_ATTRIBUTE_SIZES, width)
 
 
 def attribute_labels(identity: Identity, recolor: str | None = None) -> dict[str, int]:
@@ -256,42 +254,35 @@ def train_identity_encoder(cfg: OracleTrainConfig, progress: bool = True) -> Ide
 
 def train_context_classifier(cfg: OracleTrainConfig, progress: bool = True) -> ContextClassifier:
     """Cross-entropy on every head over a pre-rendered pool of ``pool_contexts`` labelled renders."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     images, labels = context_batch(list(identity_seeds("train", cfg.pool_contexts, start=10**6)), rng)
-    model = ContextClassifier().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = cosine_schedule(opt, warmup=0, total=cfg.steps, min_ratio=0.0)  # plain cosine to 0
-    for _ in tqdm(range(cfg.steps), desc="context oracle", disable=not progress):
-        idx = torch.randperm(len(images), generator=gen)[: cfg.batch_size]
-        logits = model(augment(images[idx], gen))
-        loss = sum(F.cross_entropy(logits[name], labels[name][idx]) for name in HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+    return _fit_heads(ContextClassifier().train(), images, labels, cfg.steps, cfg, gen, "context oracle", progress)
 
 
 def train_attribute_classifier(cfg: OracleTrainConfig, progress: bool = True) -> AttributeClassifier:
     """Cross-entropy on every attribute head over a pre-rendered pool of ``attribute_renders`` labelled renders of
     train identities, augmented; labels an image does not show are ignored."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed + 2)
     rng = np.random.default_rng(cfg.seed + 2)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     images, labels = attribute_batch(list(identity_seeds("train", cfg.attribute_renders, start=2 * 10**6)), rng)
-    model = AttributeClassifier().train()
+    return _fit_heads(AttributeClassifier().train(), images, labels, cfg.attribute_steps, cfg, gen, "attribute oracle", progress)
+
+
+def _fit_heads(model: _HeadClassifier, images: torch.Tensor, labels: dict[str, torch.Tensor], steps: int, cfg: OracleTrainConfig,
+               gen: torch.Generator, desc: str, progress: bool) -> _HeadClassifier:
+    """AdamW on the summed cross-entropy of every head (``IGNORE`` labels skipped) over augmented batches of
+    ``cfg.batch_size`` drawn from ``images``, cosine learning rate to 0."""
+    from tqdm.auto import tqdm
+
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    sched = cosine_schedule(opt, warmup=0, total=cfg.attribute_steps, min_ratio=0.0)  # plain cosine to 0
-    for _ in tqdm(range(cfg.attribute_steps), desc="attribute oracle", disable=not progress):
+    sched = cosine_schedule(opt, warmup=0, total=steps, min_ratio=0.0)  # plain cosine to 0
+    for _ in tqdm(range(steps), desc=desc, disable=not progress):
         idx = torch.randperm(len(images), generator=gen)[: cfg.batch_size]
         logits = model(augment(images[idx], gen))
-        loss = sum(F.cross_entropy(logits[name], labels[name][idx], ignore_index=IGNORE) for name in _ATTRIBUTE_SIZES)
+        loss = sum(F.cross_entropy(logits[name], labels[name][idx], ignore_index=IGNORE) for name in model.heads)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

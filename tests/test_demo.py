@@ -47,12 +47,12 @@ def test_run_demo_writes_grid_and_returns_table(tiny, tmp_path):
 
 
 def test_format_table():
-    rows = [DemoRow(0, "base cfg", 0.125, 0.5, 0.25, 0.5, float("nan"), 0.1), DemoRow(3, "hm-cfg", 0.625, 0.9, 0.75, 0.875, 12.34, 0.2)]
+    rows = [DemoRow(0, "base cfg", 0.125, 0.5, 0.0, 0.25, 0.5, float("nan"), 0.1), DemoRow(3, "hm-cfg", 0.625, 0.9, 0.375, 0.75, 0.875, 12.34, 0.2)]
     lines = format_table(rows).splitlines()
-    assert len(lines) == 4 and "retrieval top-1 of 8" in lines[0]
-    assert lines[1].split() == ["-", "base", "cfg", "0.125", "0.500", "0.250", "0.500", "-", "0.100"]
-    assert lines[2].split() == ["3", "hm-cfg", "0.625", "0.900", "0.750", "0.875", "12.3", "0.200"]
-    assert lines[3].split() == ["chance", "0.125", "0.500"]
+    assert len(lines) == 4 and "retrieval top-1 of 8" in lines[0] and "same colour" in lines[0]
+    assert lines[1].split() == ["-", "base", "cfg", "0.125", "0.500", "0.000", "0.250", "0.500", "-", "0.100"]
+    assert lines[2].split() == ["3", "hm-cfg", "0.625", "0.900", "0.375", "0.750", "0.875", "12.3", "0.200"]
+    assert lines[3].split() == ["chance", "0.125", "0.500", "0.125"]
 
 
 def test_context_title():

@@ -5,7 +5,7 @@ shipped e2e hypernetwork) from 1 and from 3 reference images, then generated und
 (backgrounds, a recolour, the red hat) with CFG and with HM-CFG. It writes one captioned grid (rows: identity ×
 references × guidance, the references first; columns: prompts; each image captioned with its identity-retrieval
 rank among 8) and prints, per (references, guidance), the oracles' identity retrieval top-1 among 8, pairwise AUC,
-raw cosine and prompt fidelity (:mod:`hyperbooth.world.fidelity`, the world table's code path) beside the base
+retrieval among 8 of the same class and primary colour, raw cosine and prompt fidelity (:mod:`hyperbooth.world.fidelity`, the world table's code path) beside the base
 model's floor, the time per subject and the sampling time per image. A short extra checks that the LoRA files load in
 diffusers (tiny SD-1.5 pipeline, random weights).
 """
@@ -57,6 +57,7 @@ class DemoRow:
     guidance: str
     retrieval: float  # identity retrieval top-1 among 8 same-class identities (chance 0.125): the headline
     auc: float  # pairwise AUC against those 7 (chance 0.5)
+    retrieval_same_color: float  # top-1 among 8 of the same class and primary colour: colour alone cannot decide it
     subject_fidelity: float  # the raw oracle cosine to the identity's prototype, beside the paired figures
     prompt_fidelity: float
     personalize_ms: float  # per subject; NaN for the floor
@@ -124,12 +125,13 @@ def run_demo(
     sf_all = subject_fidelity(oracles, all_images, row_seeds * len(keys)).view(len(keys), n)
     found = identity_retrieval(oracles, all_images, row_seeds * len(keys), [c.recolor for c in row_contexts] * len(keys))
     top1_all, auc_all, rank_all = (found[name].view(len(keys), n) for name in ("top1", "auc", "rank"))
+    same_all = identity_retrieval(oracles, all_images, row_seeds * len(keys), [c.recolor for c in row_contexts] * len(keys), same_color=True)["top1"].view(len(keys), n)
     pf_all = prompt_fidelity(oracles, all_images, row_classes * len(keys), row_contexts * len(keys))["context"].view(len(keys), n)
     table, results = [], {}
-    for key, sf, top1, auc, rank, pf in zip(keys, sf_all, top1_all, auc_all, rank_all, pf_all):
+    for key, sf, top1, auc, same, rank, pf in zip(keys, sf_all, top1_all, auc_all, same_all, rank_all, pf_all):
         k, guidance = key
         results[key] = (runs[key][0], rank, pf)
-        table.append(DemoRow(k, guidance, float(top1.mean()), float(auc.mean()), float(sf.mean()), nanmean(pf), times.get(k, float("nan")), runs[key][1]))
+        table.append(DemoRow(k, guidance, float(top1.mean()), float(auc.mean()), float(same.mean()), float(sf.mean()), nanmean(pf), times.get(k, float("nan")), runs[key][1]))
         log.info("%d reference(s), %s: retrieval %.3f, AUC %.3f, prompt %.3f", k, guidance, table[-1].retrieval, table[-1].auc, table[-1].prompt_fidelity)
 
     # grid: rows identity × refs × guidance; the reference images first, then one column per prompt
@@ -157,13 +159,13 @@ def _verdict(value: torch.Tensor) -> str:
 
 def format_table(rows: list[DemoRow]) -> str:
     """The demo's table as aligned text."""
-    head = ("refs", "guidance", "retrieval top-1 of 8", "AUC", "cosine", "prompt fidelity", "personalize ms", "s / image")
+    head = ("refs", "guidance", "retrieval top-1 of 8", "AUC", "same colour", "cosine", "prompt fidelity", "personalize ms", "s / image")
     lines = [head]
     for r in rows:
         ms = "-" if math.isnan(r.personalize_ms) else f"{r.personalize_ms:.1f}"
-        lines.append((str(r.refs) if r.refs else "-", r.guidance, f"{r.retrieval:.3f}", f"{r.auc:.3f}", f"{r.subject_fidelity:.3f}",
+        lines.append((str(r.refs) if r.refs else "-", r.guidance, f"{r.retrieval:.3f}", f"{r.auc:.3f}", f"{r.retrieval_same_color:.3f}", f"{r.subject_fidelity:.3f}",
                       f"{r.prompt_fidelity:.3f}", ms, f"{r.seconds_per_image:.3f}"))
-    lines.append(("", "chance", f"{1 / RETRIEVAL_CANDIDATES:.3f}", "0.500", "", "", "", ""))
+    lines.append(("", "chance", f"{1 / RETRIEVAL_CANDIDATES:.3f}", "0.500", f"{1 / RETRIEVAL_CANDIDATES:.3f}", "", "", "", ""))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(cell.rjust(wd) if i != 1 else cell.ljust(wd) for i, (cell, wd) in enumerate(zip(line, widths))) for line in lines)
 

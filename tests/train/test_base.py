@@ -60,6 +60,10 @@ def test_bad_config_values_are_named(tmp_path):
         _cfg(tmp_path, "optim.bogus=1")
     with pytest.raises(ConfigError, match="data.resolution"):
         _cfg(tmp_path, "data.resolution=x")
+    with pytest.raises(ConfigError, match="describe_full must be a probability in \\[0, 1\\], got 1.5"):
+        _cfg(tmp_path, "data.describe_full=1.5")
+    with pytest.raises(ConfigError, match="describe_color \\+ describe_full must be at most 1"):
+        _cfg(tmp_path, "data.describe_color=0.5", "data.describe_full=0.6")
 
 
 def test_missing_or_damaged_model_names_file_and_fix(tmp_path):

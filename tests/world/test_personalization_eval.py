@@ -13,6 +13,7 @@ from hyperbooth.world import contexts as ctx
 from hyperbooth.world.comparison import compare_hm_cfg
 from hyperbooth.world.contexts import CONTEXT_TYPES
 from hyperbooth.world.fidelity import reference_images
+from hyperbooth.world.identity import describe, make_identity
 from hyperbooth.world.merge import merge_results
 from hyperbooth.world.personalization import evaluate_personalization, generate_row, load_personalizers, multi_reference_variants
 from hyperbooth.world.protocol import RowSpec, hm_cfg_pairs, personalization_items, personalization_rows
@@ -64,6 +65,12 @@ def test_items_cover_every_context_type_deterministically():
         assert any(len(it.types) > 1 for it in own)  # combos
     it = items[4]  # recolour + background
     assert it.prompt("sks").startswith(f"a {it.context.recolor} sks {it.class_name}") and "sks" not in it.prompt(None)
+    color, details = describe(make_identity(it.identity_seed))
+    described = it.prompt(None, described=True)
+    assert described.startswith(f"a {it.context.recolor} {it.class_name}")  # the recolour, not the subject's own colour
+    assert details in described if details else described == it.prompt(None)
+    plain = items[0]  # no recolour: the subject's own colour word
+    assert plain.prompt(None, described=True).startswith(f"a {describe(make_identity(plain.identity_seed))[0]} {plain.class_name}")
     with pytest.raises(ConfigError, match="prompts_per_identity=0"):
         personalization_items(seeds, 0)
 
@@ -90,6 +97,9 @@ def test_rows_and_weight_pairs():
         RowSpec("pag")
     with pytest.raises(ConfigError, match="refs=0"):
         RowSpec("cfg", "e2e", refs=0)
+    words = personalization_rows(["e2e"], guidance_scales=[2, 3], hm_pairs=[(2, 2)], described=True)
+    assert [r.label for r in words][:4] == ["floor cfg g=2", "floor cfg g=3", "described in words cfg g=2", "described in words cfg g=3"]
+    assert not words[2].personalized and words[2].described and words[2].token is None and not words[0].described
     timed = personalization_rows(["e2e"], guidance_scales=[3], hm_pairs=[(2, 2)], pers_intervals=[(0, 1), (0.5, 1)])
     assert [r.label for r in timed][2:] == ["e2e hm-cfg w_base=2 w_pers=2", "e2e hm-cfg w_base=2 w_pers=2 t/T in [0.5,1]"]
     with pytest.raises(ConfigError, match="pers_interval"):
@@ -211,11 +221,11 @@ def test_cli_sweep_writes_table_json_and_plot(tiny_world_model, oracles_dir, hyp
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    for label in ("floor cfg g=3", "e2e cfg g=3", "e2e hm-cfg w_base=1 w_pers=1", "e2e hm-cfg w_base=3 w_pers=1"):
+    for label in ("floor cfg g=3", "described in words cfg g=3", "e2e cfg g=3", "e2e hm-cfg w_base=1 w_pers=1", "e2e hm-cfg w_base=3 w_pers=1"):
         assert f"| {label} |" in printed
     assert "At equal retrieval top-1" in printed and "min" in printed
     result = json.loads(out_json.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
-    assert len(result["rows"]) == 1 + 1 + 1 + 2 and len(result["comparison"]) == 2
+    assert len(result["rows"]) == 1 + 2 + 1 + 2 and len(result["comparison"]) == 2
     assert result["settings"]["images_per_row"] == 4
     assert Image.open(out_png).format == "PNG"
 

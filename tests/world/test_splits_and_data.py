@@ -6,6 +6,7 @@ from hyperbooth.errors import ConfigError
 from hyperbooth.world import CLASSES, Context, identity_seeds, is_heldout_context, prompt_for, split_of
 from hyperbooth.world.contexts import BACKGROUND_NAMES
 from hyperbooth.world.datasets import BaseSampleDataset, PersonalizationPairDataset
+from hyperbooth.world.identity import COLOR_NAMES, Identity, describe, make_identity
 
 
 def test_splits_are_disjoint_and_proportioned():
@@ -25,6 +26,44 @@ def test_prompts():
     assert prompt_for("vase", Context(background="water")) == "a vase floating on top of water"
     with pytest.raises(ConfigError, match="giraffe"):
         prompt_for("giraffe")
+
+
+def test_described_prompts():
+    identity = Identity(seed=1, class_name="ball", shape=(0.0, 0.5, 1.0), primary=(240, 200, 40), secondary=(20, 40, 140), pattern="dots", feature="band")
+    assert describe(identity, "none") == ("", "")
+    assert describe(identity, "color") == ("yellow", "")
+    color, details = describe(identity)
+    assert (color, details) == ("yellow", "with navy dots and a navy band")
+    assert prompt_for("ball", Context(background="snow"), color=color, details=details) == "a yellow ball with navy dots and a navy band in the snow"
+    # a recolour names the new colour instead of the subject's own; the token stays next to the class
+    assert prompt_for("ball", Context(recolor="purple"), token="sks", color=color, details=details) == "a purple sks ball with navy dots and a navy band"
+    plain = Identity(seed=1, class_name="vase", shape=(0.0, 0.0, 0.0), primary=(40, 40, 45), secondary=(230, 40, 40), pattern="solid", feature="patch")
+    assert describe(plain) == ("black", "with a red patch")
+    assert describe(Identity(1, "vase", (0.0, 0.0, 0.0), (40, 40, 45), (230, 40, 40), "diagonal", "none")) == ("black", "with red diagonal stripes")
+    with pytest.raises(ConfigError, match="'most'"):
+        describe(identity, "most")
+    # every colour of the world has a word
+    assert all(COLOR_NAMES[make_identity(s).secondary] and COLOR_NAMES[make_identity(s).primary] for s in range(300))
+
+
+def test_base_dataset_describes_some_captions():
+    plain = BaseSampleDataset("train", size=200, seed=5)
+    described = BaseSampleDataset("train", size=200, seed=5, describe_color=0.25, describe_full=0.5)
+    kinds = {"none": 0, "color": 0, "full": 0}
+    for i in range(200):
+        a, b = plain[i], described[i]
+        assert torch.equal(a["image"], b["image"])  # the same subjects and scenes, only the captions differ
+        color, details = describe(make_identity(b["identity"]))
+        if b["prompt"] == a["prompt"]:
+            kinds["none"] += 1
+        elif details and details in b["prompt"]:
+            kinds["full"] += 1
+        else:  # the colour word only (or a subject with nothing more to say, solid and without a feature)
+            kinds["color"] += 1
+    assert 70 <= kinds["full"] <= 130 and 25 <= kinds["color"] <= 85 and 25 <= kinds["none"] <= 80, kinds
+    for bad in ({"describe_color": 1.5}, {"describe_full": -0.1}, {"describe_color": 0.6, "describe_full": 0.6}):
+        with pytest.raises(ConfigError, match="describe"):
+            BaseSampleDataset("train", size=2, **bad)
 
 
 def test_heldout_combinations_never_in_train_data():

@@ -107,8 +107,9 @@ def register(subparsers) -> None:
     pers.add_argument("--sweep", action="store_true", help="every (w_base, w_pers) pair instead of pairing the lists element by element")
     pers.add_argument("--pers-interval", action="append", default=None, metavar="LO,HI",
                       help="HM-CFG timestep schedule: the personalized branch runs for noise levels t/T in [LO, HI]; repeat for several rows (default 0,1: every step)")
-    pers.add_argument("--kinds", default="floor,cfg,hm-cfg",
-                      help="which rows to generate, a list of floor,cfg,hm-cfg (e.g. hm-cfg alone, to add HM-CFG settings to an earlier run with merge-evals)")
+    pers.add_argument("--kinds", default="floor,described,cfg,hm-cfg",
+                      help="which rows to generate, a list of floor,described,cfg,hm-cfg (described: the base model told each subject "
+                           "in words; e.g. hm-cfg alone, to add HM-CFG settings to an earlier run with merge-evals)")
     pers.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="retrieval top-1 window of the HM-CFG vs CFG comparison")
     pers.add_argument("--batch-size", type=_int, default=48, help="prompts per generate call")
     pers.add_argument("--seed", type=_int, default=0)
@@ -257,7 +258,7 @@ def _eval_personalization(args: argparse.Namespace) -> int:
         personalizers[f"dreambooth-lora-{n}"] = DreamBoothLoRA(config, cache=args.dreambooth_cache)
         sources[f"dreambooth-lora-{n}"] = f"DreamBooth-LoRA fine-tune, {n} steps, rank {config.rank}, lr {config.lr:g}, seed {args.seed}"
     oracles = Oracles.load(args.oracles)
-    rows = [r for r in personalization_rows(list(personalizers), refs, scales, pairs, intervals) if r.kind in kinds]
+    rows = [r for r in personalization_rows(list(personalizers), refs, scales, pairs, intervals, described=True) if r.kind in kinds]
     result = evaluate_personalization(
         base, oracles, personalizers, rows, num_identities=args.num_identities, prompts_per_identity=args.prompts,
         steps=args.steps, seed=args.seed, batch_size=args.batch_size, scheduler=args.scheduler, tolerance=args.tolerance,

@@ -32,7 +32,7 @@ from hyperbooth.train.ema import build_ema, load_ema
 from hyperbooth.train.optim import OptimConfig, build_optimizer
 from hyperbooth.train.state import load_state, resume_checkpoint, save_state, training_state, write_checkpoint
 from hyperbooth.world.base_model import WORLD_UNET_CONFIG, save_world_model
-from hyperbooth.world.datasets import BaseSampleDataset, PrerenderedDataset
+from hyperbooth.world.datasets import BaseSampleDataset, PrerenderedDataset, check_describe
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,11 @@ class DataConfig:
     text_max_length: int = 24
     num_workers: int = 1  # render processes
     prerender: bool = True  # render the whole run's samples first (on num_workers processes), then train from memory
+    describe_color: float = 0.0  # probability a caption also names the subject's main colour ("a yellow ball …")
+    describe_full: float = 0.0  # probability it names its colours, pattern and feature ("… with navy dots …")
 
     def validate(self) -> None:
+        check_describe(self.describe_color, self.describe_full)
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ConfigError(f"data.cond_dropout={self.cond_dropout} must be in [0, 1)")
 
@@ -133,7 +136,8 @@ class BatchSource:
 
     def __init__(self, cfg: BaseTrainConfig, text_encoder, start_step: int):
         b = cfg.optim.batch_size
-        dataset = BaseSampleDataset(split="train", size=cfg.optim.max_steps * b, resolution=cfg.data.resolution, seed=cfg.data.seed)
+        dataset = BaseSampleDataset(split="train", size=cfg.optim.max_steps * b, resolution=cfg.data.resolution, seed=cfg.data.seed,
+                                    describe_color=cfg.data.describe_color, describe_full=cfg.data.describe_full)
         indices = range(start_step * b, len(dataset))
         workers = cfg.data.num_workers
         if cfg.data.prerender:

@@ -33,9 +33,12 @@ import torch
 
 from hyperbooth.errors import CheckpointError
 
-#: The model shipped inside the package (trained by `hyperbooth train-base --config configs/world_base.yaml`).
+#: The model shipped inside the package: `hyperbooth train-base --config configs/world_base.yaml` (stage 1, class-only
+#: captions), continued by `--config configs/world_base_captions.yaml` (stage 2, captions that sometimes describe the
+#: subject's colours and pattern).
 SHIPPED_BASE_MODEL = Path(__file__).resolve().parent.parent / "assets" / "world" / "base"
-RETRAIN_HINT = "retrain it with `hyperbooth train-base --config configs/world_base.yaml` (about 2 h on 2 CPU cores)"
+RETRAIN_HINT = ("retrain it with `hyperbooth train-base --config configs/world_base.yaml`, then "
+                "`--config configs/world_base_captions.yaml` (about 1.5 h on 2 CPU cores)")
 PIPELINE_CLASS = "HyperboothWorldPipeline"
 
 

@@ -91,15 +91,24 @@ class Context:
         return cls(**fields)
 
 
-def prompt_for(class_name: str, context: Context = Context(), token: str | None = None, paraphrase: int = 0) -> str:
-    """The prompt for ``class_name`` in ``context``; ``token`` (e.g. ``"sks"``) gives the personalization form."""
+def prompt_for(class_name: str, context: Context = Context(), token: str | None = None, paraphrase: int = 0,
+               color: str = "", details: str = "") -> str:
+    """The prompt for ``class_name`` in ``context``; ``token`` (e.g. ``"sks"``) gives the personalization form.
+
+    ``color`` and ``details`` describe the subject (:func:`~hyperbooth.world.identity.describe`); a recolour
+    context's colour takes the place of ``color``: ``"a yellow ball with navy dots in the snow"``.
+    """
     check_class(class_name)
     words = ["a"]
     if context.recolor:
         words.append(RECOLOR_WORDS[context.recolor])
+    elif color:
+        words.append(color)
     if token:
         words.append(token)
     words.append(class_name)
+    if details:
+        words.append(details)
     if context.accessory:
         words.append(ACCESSORY_PHRASES[context.accessory])
     if context.background:

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from hyperbooth.errors import ConfigError
 from hyperbooth.world import contexts as ctx
-from hyperbooth.world.identity import identity_class, make_identity
+from hyperbooth.world.identity import describe, identity_class, make_identity
 from hyperbooth.world.render import check_resolution, render_identity, sample_pose
 from hyperbooth.world.splits import check_split, split_of
 
@@ -52,13 +52,30 @@ def sample_context(rng: np.random.Generator, class_name: str, split: str, recolo
             return context
 
 
-class BaseSampleDataset(Dataset):
-    """(image, class prompt) samples for the base model: random identities of a split in random contexts."""
+def check_describe(describe_color: float, describe_full: float) -> None:
+    """Caption-description probabilities: each in [0, 1], their sum at most 1."""
+    for name, p in (("describe_color", describe_color), ("describe_full", describe_full)):
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ConfigError(f"{name} must be a probability in [0, 1], got {p!r}")
+    if describe_color + describe_full > 1.0:
+        raise ConfigError(f"describe_color + describe_full must be at most 1, got {describe_color} + {describe_full}")
 
-    def __init__(self, split: str = "train", size: int = 100_000, resolution: int = 32, seed: int = 0):
+
+class BaseSampleDataset(Dataset):
+    """(image, prompt) samples for the base model: random identities of a split in random contexts.
+
+    The prompt names the class and the context; with probability ``describe_color`` it also names the subject's
+    main colour, with probability ``describe_full`` its colours, pattern and feature too ("a yellow ball with navy
+    dots in the snow"), as real captions describe what they show.
+    """
+
+    def __init__(self, split: str = "train", size: int = 100_000, resolution: int = 32, seed: int = 0,
+                 describe_color: float = 0.0, describe_full: float = 0.0):
         self.split, self.size, self.resolution, self.seed = check_split(split), size, check_resolution(resolution), seed
         if size < 1:
             raise ConfigError(f"dataset size must be positive, got {size}")
+        check_describe(describe_color, describe_full)
+        self.describe_color, self.describe_full = describe_color, describe_full
 
     def __len__(self) -> int:
         return self.size
@@ -68,9 +85,15 @@ class BaseSampleDataset(Dataset):
         identity = make_identity(sample_identity(rng, self.split))
         context = sample_context(rng, identity.class_name, self.split)
         image = render_identity(identity, context, sample_pose(rng), self.resolution, scene_seed=int(rng.integers(2**31)))
+        paraphrase = int(rng.integers(len(ctx.TEMPLATES)))
+        detail = "none"
+        if self.describe_color or self.describe_full:
+            u = rng.random()
+            detail = "full" if u < self.describe_full else "color" if u < self.describe_full + self.describe_color else "none"
+        color, details = describe(identity, detail)
         return {
             "image": to_tensor(image),
-            "prompt": ctx.prompt_for(identity.class_name, context, paraphrase=int(rng.integers(len(ctx.TEMPLATES)))),
+            "prompt": ctx.prompt_for(identity.class_name, context, paraphrase=paraphrase, color=color, details=details),
             "identity": identity.seed,
             "labels": labels_of(identity.class_name, context),
         }

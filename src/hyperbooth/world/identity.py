@@ -30,6 +30,16 @@ PRIMARY_COLORS: tuple[tuple[int, int, int], ...] = (
 SECONDARY_COLORS: tuple[tuple[int, int, int], ...] = PRIMARY_COLORS + ((230, 40, 40), (140, 60, 200))
 PATTERNS: tuple[str, ...] = ("solid", "stripes", "dots", "checks", "zigzag", "diagonal")
 FEATURES: tuple[str, ...] = ("none", "band", "patch", "button")
+
+#: The words a caption uses for the colours, patterns and features (real text-to-image models know such words;
+#: the base model learns them from captions that describe some of its training subjects).
+COLOR_NAMES: dict[tuple[int, int, int], str] = dict(zip(SECONDARY_COLORS, (
+    "yellow", "sky blue", "green", "orange", "navy", "cream", "black", "brown", "teal", "pink", "red", "purple")))
+PATTERN_WORDS: dict[str, str] = {"solid": "", "stripes": "stripes", "dots": "dots", "checks": "checks",
+                                 "zigzag": "zigzags", "diagonal": "diagonal stripes"}
+FEATURE_WORDS: dict[str, str] = {"none": "", "band": "a band", "patch": "a patch", "button": "a button"}
+#: How much a caption says about its subject: nothing, its main colour, or its colours, pattern and feature.
+DETAIL_LEVELS: tuple[str, ...] = ("none", "color", "full")
 SHAPE_LEVELS = 5  # each shape parameter takes one of 5 values
 SHAPE_PARAMS = 3  # three shape parameters per class
 
@@ -83,3 +93,26 @@ def count_identities() -> int:
     """Distinct identities: classes × shapes × primary × secondary (≠ primary) × patterns × features."""
     shapes = SHAPE_LEVELS**SHAPE_PARAMS
     return len(CLASSES) * shapes * len(PRIMARY_COLORS) * (len(SECONDARY_COLORS) - 1) * len(PATTERNS) * len(FEATURES)
+
+
+def describe(identity: Identity, detail: str = "full") -> tuple[str, str]:
+    """Words for ``identity``: ``(colour, details)``, e.g. ``("yellow", "with sky blue stripes and a sky blue patch")``.
+
+    ``detail`` is one of :data:`DETAIL_LEVELS`; ``"none"`` gives ``("", "")``, ``"color"`` only the main colour.
+    The colour word goes before the class noun and the details after it (:func:`~hyperbooth.world.contexts.prompt_for`).
+    """
+    if detail not in DETAIL_LEVELS:
+        raise ConfigError(f"unknown detail {detail!r}; choose one of {', '.join(DETAIL_LEVELS)}")
+    if detail == "none":
+        return "", ""
+    color = COLOR_NAMES[identity.primary]
+    if detail == "color":
+        return color, ""
+    second = COLOR_NAMES[identity.secondary]
+    parts = []
+    if PATTERN_WORDS[identity.pattern]:
+        parts.append(f"{second} {PATTERN_WORDS[identity.pattern]}")
+    if FEATURE_WORDS[identity.feature]:
+        article, noun = FEATURE_WORDS[identity.feature].split(" ", 1)
+        parts.append(f"{article} {second} {noun}")
+    return color, ("with " + " and ".join(parts)) if parts else ""

@@ -102,12 +102,12 @@ def merge_results(results: Sequence[tuple[str, Mapping]], tolerance: float = DEF
                 k = differ[0]
                 raise ConfigError(f"{source}: row {row['label']!r} has other figures than in an earlier file ({k} {row[k]:.6g} vs "
                                   f"{old[k]:.6g}); label the runs apart")
-    kinds = {"references": 0, "floor": 1, "cfg": 2, "hm-cfg": 3}
+    kinds = {"references": 0, "floor": 1, "described": 2, "cfg": 3, "hm-cfg": 4}
     models = list(dict.fromkeys(r.get("hypernet") for r in rows.values()))
 
     def order(r):
-        kind = kinds.get(r.get("kind"), 4)
-        personalized = kind > 1
+        kind = kinds.get(r.get("kind"), 5)
+        personalized = kind > 2
         interval = tuple(r.get("pers_interval") or DEFAULT_PERS_INTERVAL)
         return (personalized, models.index(r.get("hypernet")), 0 if personalized else kind, r.get("refs") or 0, kind,
                 r.get("guidance_scale") or 0, -(r.get("w_base") or 0), r.get("w_pers") or 0, interval)

@@ -145,14 +145,14 @@ def generate_row(
 ) -> torch.Tensor:
     """The images of one row, ``(len(items), 3, H, W)``: chunks of ``batch_size`` prompts, one ``generate`` call each,
     chunk ``b`` seeded ``seed + b`` (the same noise in every row). ``weights``: the LoRAs of all subjects (a UNet
-    LoRA or LoRAs by component; row ``i`` uses subject ``items[i].subject``); ignored by the floor, which samples the
-    base model with CFG."""
+    LoRA or LoRAs by component; row ``i`` uses subject ``items[i].subject``); ignored by the floor and the described
+    row, which sample the base model with CFG."""
     parts = as_components(weights)
     if row.personalized and not parts:
         raise ConfigError(f"row {row.label!r} needs the subjects' LoRA weights")
     images = []
     for b, chunk in enumerate(batched(items, batch_size)):
-        prompts = [it.prompt(row.token) for it in chunk]
+        prompts = [it.prompt(row.token, described=row.described) for it in chunk]
         if not row.personalized:
             x = generate(base, prompts, None, guidance="cfg", guidance_scale=row.guidance_scale, steps=steps, seed=seed + b, scheduler=scheduler)
         else:

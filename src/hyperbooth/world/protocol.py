@@ -4,9 +4,10 @@ and under which settings.
 Held-out identities (``identity_seeds("test", n)``), each with ``k`` references from
 :func:`~hyperbooth.world.fidelity.reference_images` and a fixed set of evaluation contexts over every context type
 (:func:`personalization_items`). Every row generates the same (identity, context) list with the same initial noise,
-so rows differ only by the method: ``floor`` (base model, class prompt, CFG), ``cfg`` (personalized model,
-rare-token prompt, CFG) and ``hm-cfg`` (Hybrid-Model CFG with ``w_base``, ``w_pers``) (:class:`RowSpec`,
-:func:`personalization_rows`).
+so rows differ only by the method: ``floor`` (base model, class prompt, CFG), ``described`` (base model, the
+class prompt with the identity described in words — "a yellow ball with navy dots …" —, CFG: what a user gets by
+describing the subject instead of showing it), ``cfg`` (personalized model, rare-token prompt, CFG) and ``hm-cfg``
+(Hybrid-Model CFG with ``w_base``, ``w_pers``) (:class:`RowSpec`, :func:`personalization_rows`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from hyperbooth.errors import ConfigError
 from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, check_interval
 from hyperbooth.world import contexts as ctx
-from hyperbooth.world.identity import identity_class
+from hyperbooth.world.identity import describe, identity_class, make_identity
 
 #: Context kinds of an identity's evaluation prompts, in order; prompt ``j`` of an identity has kind ``j mod 8``.
 PERSONALIZATION_KINDS: tuple[str, ...] = (
@@ -32,8 +33,11 @@ PERSONALIZATION_KINDS: tuple[str, ...] = (
     "recolor+accessory+background",
     "background",
 )
-#: The row kinds: the base model (``floor``), the personalized model with CFG, with HM-CFG.
-ROW_KINDS: tuple[str, ...] = ("floor", "cfg", "hm-cfg")
+#: The row kinds: the base model (``floor``), the base model told the subject in words (``described``), the
+#: personalized model with CFG, with HM-CFG.
+ROW_KINDS: tuple[str, ...] = ("floor", "described", "cfg", "hm-cfg")
+#: The row kinds that sample the base model alone (no personalizer).
+BASE_KINDS: tuple[str, ...] = ("floor", "described")
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,11 @@ class EvalItem:
     class_name: str
     context: ctx.Context
 
-    def prompt(self, token: str | None) -> str:
-        return ctx.prompt_for(self.class_name, self.context, token=token)
+    def prompt(self, token: str | None, described: bool = False) -> str:
+        """Its prompt, with the rare ``token`` before the class noun; ``described``: the identity's colours, pattern
+        and feature in words (:func:`~hyperbooth.world.identity.describe`)."""
+        color, details = describe(make_identity(self.identity_seed, self.class_name)) if described else ("", "")
+        return ctx.prompt_for(self.class_name, self.context, token=token, color=color, details=details)
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -103,7 +110,8 @@ def interval_tag(interval) -> str:
 class RowSpec:
     """One row of the table: a sampling method and its settings.
 
-    ``kind``: ``"floor"`` (base model, CFG), ``"cfg"`` (personalized model, CFG) or ``"hm-cfg"`` (with ``w_base``,
+    ``kind``: ``"floor"`` (base model, CFG), ``"described"`` (base model, the subject described in words, CFG),
+    ``"cfg"`` (personalized model, CFG) or ``"hm-cfg"`` (with ``w_base``,
     ``w_pers`` and the timestep interval ``pers_interval``, see :func:`hyperbooth.guidance.pers_active`).
     ``hypernet``: the label of the personalizer (any method) of a personalized row; ``refs``: its reference images
     per subject. ``class_prompt``: prompt with the class noun only (``"a toy …"``) instead of the rare-token form
@@ -122,7 +130,7 @@ class RowSpec:
     def __post_init__(self) -> None:
         if self.kind not in ROW_KINDS:
             raise ConfigError(f"unknown row kind {self.kind!r}; choose one of {', '.join(ROW_KINDS)}")
-        if self.kind != "floor" and not self.hypernet:
+        if self.kind not in BASE_KINDS and not self.hypernet:
             raise ConfigError(f"a {self.kind!r} row needs the label of a personalizer")
         if isinstance(self.refs, bool) or not isinstance(self.refs, int) or self.refs < 1:
             raise ConfigError(f"refs={self.refs!r} must be an integer of at least 1")
@@ -132,23 +140,29 @@ class RowSpec:
 
     @property
     def personalized(self) -> bool:
-        return self.kind != "floor"
+        return self.kind not in BASE_KINDS
+
+    @property
+    def described(self) -> bool:
+        return self.kind == "described"
 
     @property
     def token(self) -> str | None:
-        uses_class_prompt = self.kind == "floor" if self.class_prompt is None else self.class_prompt
+        uses_class_prompt = not self.personalized if self.class_prompt is None else self.class_prompt
         return None if uses_class_prompt else ctx.RARE_TOKEN
 
     @property
     def label(self) -> str:
         if self.kind == "floor":
             text = f"floor cfg g={self.guidance_scale:g}"
+        elif self.kind == "described":
+            text = f"described in words cfg g={self.guidance_scale:g}"
         else:
             name = self.hypernet + (f" k={self.refs}" if self.refs != 1 else "")
             text = f"{name} cfg g={self.guidance_scale:g}" if self.kind == "cfg" else f"{name} hm-cfg w_base={self.w_base:g} w_pers={self.w_pers:g}"
             if self.kind == "hm-cfg":
                 text += interval_tag(self.pers_interval)
-        if self.class_prompt is not None and (self.token is None) != (self.kind == "floor"):
+        if self.class_prompt is not None and (self.token is None) != (not self.personalized):
             text += " (class prompt)" if self.token is None else f" ({ctx.RARE_TOKEN} prompt)"
         return text
 
@@ -181,14 +195,18 @@ def personalization_rows(
     guidance_scales: Sequence[float] = (DEFAULT_GUIDANCE_SCALE,),
     hm_pairs: Sequence[tuple[float, float]] = ((DEFAULT_W_BASE, DEFAULT_W_PERS),),
     pers_intervals: Sequence[tuple[float, float]] = (DEFAULT_PERS_INTERVAL,),
+    described: bool = False,
 ) -> list[RowSpec]:
-    """The rows of the table: the floor at each guidance scale, then for each personalizer label and reference count
-    its CFG rows (each guidance scale) and HM-CFG rows (each ``(w_base, w_pers)`` pair at each timestep interval)."""
+    """The rows of the table: the floor at each guidance scale (and, with ``described``, the base model told each
+    subject in words at each scale), then for each personalizer label and reference count its CFG rows (each
+    guidance scale) and HM-CFG rows (each ``(w_base, w_pers)`` pair at each timestep interval)."""
     if not guidance_scales:
         raise ConfigError("guidance_scales must name at least one scale")
     if not refs:
         raise ConfigError("refs must name at least one reference count")
     rows = [RowSpec("floor", guidance_scale=g) for g in guidance_scales]
+    if described:
+        rows += [RowSpec("described", guidance_scale=g) for g in guidance_scales]
     for label in hypernets:
         for k in refs:
             rows += [RowSpec("cfg", label, k, guidance_scale=g) for g in guidance_scales]

@@ -95,6 +95,8 @@ def plot_fidelity(rows: Sequence[Mapping], path, size: tuple[int, int] = (720, 5
         model = f"{r.get('hypernet')}" + (f" k={r['refs']}" if r.get("refs", 1) != 1 else "")
         if r["kind"] == "floor":
             name, order, tag = "floor (base, CFG)", r["guidance_scale"], f"g={r['guidance_scale']:g}"
+        elif r["kind"] == "described":
+            name, order, tag = "described in words (base, CFG)", r["guidance_scale"], f"g={r['guidance_scale']:g}"
         elif r["kind"] == "cfg":
             name, order, tag = f"{model} CFG", r["guidance_scale"], f"g={r['guidance_scale']:g}"
         else:

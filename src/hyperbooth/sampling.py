@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from hyperbooth.errors import ConfigError
 
-#: The default sampler of the world models: DPM-Solver++ (Lu et al. 2022). At 25 steps and CFG 3 the shipped base
-#: model's DDIM samples keep visible residual noise that DPM-Solver++ samples do not (docs/base_grid.png).
+#: The default sampler of the world models: DPM-Solver++ (Lu et al. 2022). (DDIM once looked noisier on the world
+#: model: its scheduler config clipped the predicted x0, which DDIM applies and DPM-Solver++ does not; without the
+#: clipping DDIM and Euler land within a mean |Δ| of 0.02 of DPM-Solver++ on the same seeds.)
 DEFAULT_SCHEDULER = "dpm++"
 #: Sampling steps when none are given (generate, the CLI, the evaluation protocol).
 DEFAULT_STEPS = 25

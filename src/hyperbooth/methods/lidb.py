@@ -8,9 +8,8 @@ A rank-r LoRA of a layer ``W (d_out, d_in)`` is factored once more through froze
     ΔW = (alpha / r) · B A
 
 Only ``A_train`` and ``B_train`` are personalized: ``r · (a + b)`` numbers per layer (the paper: r = 1, a = 100,
-b = 50, about 30 k variables over SD 1.5's attention layers). The bases come from a stored per-layer seed, so a
-checkpoint needs only the seed (the bases are also saved with it, to be independent of the random generator's
-future). Where a layer is narrower than ``a`` (``d_in < a``) or ``b`` (``d_out < b``) — the world's 64- and
+b = 50, about 30 k variables over SD 1.5's attention layers). The bases come from a per-layer seed
+(:func:`layer_seed`), so the same seed gives the same bases on every machine. Where a layer is narrower than ``a`` (``d_in < a``) or ``b`` (``d_out < b``) — the world's 64- and
 128-wide layers — the basis is square and orthogonal (``a_l = min(a, d_in)``, ``b_l = min(b, d_out)``).
 
 Everything here is a pure function; the output is ordinary :class:`~hyperbooth.lora.weights.LoRAWeights`, so

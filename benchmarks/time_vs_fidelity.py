@@ -55,6 +55,7 @@ from hyperbooth.world.fidelity import personalization_metrics, reference_images
 from hyperbooth.world.identity import make_identity
 from hyperbooth.world.oracles import SHIPPED_ORACLES, Oracles
 from hyperbooth.world.personalization import personalize_subjects
+from hyperbooth.personalize import parse_options
 from hyperbooth.world.protocol import personalization_items
 from hyperbooth.world.splits import identity_seeds
 
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped world model)")
     parser.add_argument("--oracles", type=Path, default=None, help="oracle folder (default: the shipped oracles)")
     parser.add_argument("--hypernet", type=Path, default=None, help="hypernetwork folder (default: the shipped e2e one)")
+    parser.add_argument("--with", dest="options", default="", metavar="KEY=VALUE,...",
+                        help="the personalizer's inference options (e.g. fast_finetune_steps=40 for hyperdreambooth)")
     parser.add_argument("--no-hypernet", action="store_true", help="only the fine-tune's curve")
     parser.add_argument("--reuse-curve", type=Path, default=None,
                         help="take the fine-tune's curve from this earlier --json output (same settings) instead of fine-tuning again")
@@ -365,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     hyper = None
     if not args.no_hypernet:
         folder = args.hypernet or SHIPPED_E2E
-        personalizer = load(folder).eval()  # any registered method
+        personalizer = load(folder).with_options(**parse_options(args.options)).eval()  # any registered method
         personalizer.check_backbone(base, folder)
         ms, scores = hypernet_point(personalizer, evaluate, identities, args.hypernet_guidance)
         hyper = {"ms_per_subject": statistics.fmean(ms), "seconds": statistics.fmean(ms) / 1e3,

@@ -8,6 +8,7 @@ from hyperbooth.errors import ConfigError
 from hyperbooth.evaluation.protocol import EvalConfig
 from hyperbooth.train.base import BaseTrainConfig
 from hyperbooth.train.engine import load_train_config
+from hyperbooth.train.preoptimize import PreoptConfig
 
 
 @dataclass
@@ -80,9 +81,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def _load_preset(path: Path):
     """A shipped preset with the loader of the command it is written for (eval_*: `hyperbooth eval`, world_base*:
-    `hyperbooth train-base`, the rest: `hyperbooth train`)."""
+    `hyperbooth train-base`, *_preopt_*: `hyperbooth preoptimize`, the rest: `hyperbooth train`)."""
     if path.name.startswith("eval_"):
         return load_config(EvalConfig, path)
+    if "_preopt_" in path.name:
+        cfg = load_config(PreoptConfig, path)
+        cfg.validate()
+        return cfg
     if path.name.startswith("world_base"):
         return load_config(BaseTrainConfig, path)
     return load_train_config(path)

@@ -24,18 +24,37 @@ from hyperbooth.errors import ConfigError, LoRAFileError
 from hyperbooth.images import image_files, load_image
 from hyperbooth.lora.io import load_lora
 from hyperbooth.lora.weights import LoRAWeights, combine
-from hyperbooth.methods import SHIPPED_E2E, Personalizer, load
-from hyperbooth.methods.base import weights_digest
+from hyperbooth.methods import SHIPPED_E2E, SHIPPED_HYPERDREAMBOOTH, Personalizer, load
+from hyperbooth.methods.base import METHODS, read_config, weights_digest
+
+#: method → its checkpoint shipped inside the package (``--method NAME``)
+SHIPPED = {"e2e": SHIPPED_E2E, "hyperdreambooth": SHIPPED_HYPERDREAMBOOTH}
 
 
-def personalizer_folder(folder: str | os.PathLike | None = None) -> Path:
-    """``folder``, or the shipped e2e hypernetwork's when it is None."""
-    return Path(folder) if folder is not None else SHIPPED_E2E
+def personalizer_folder(folder: str | os.PathLike | None = None, method: str | None = None) -> Path:
+    """``folder``; else the shipped checkpoint of ``method`` (default e2e). A folder of another method than
+    ``method``, a method without a shipped checkpoint, or one not shipped in this version is a ConfigError."""
+    if folder is not None:
+        folder = Path(folder)
+        if method is not None and read_config(folder)["method"] != method:
+            raise ConfigError(f"--method {method} but {folder} holds a {read_config(folder)['method']!r} personalizer; give one of the two")
+        return folder
+    method = method or "e2e"
+    if method not in SHIPPED:
+        known = f"methods with a shipped checkpoint: {', '.join(sorted(SHIPPED))}"
+        if method in METHODS:
+            raise ConfigError(f"--method {method} has no shipped checkpoint ({known}); pass --hypernet FOLDER, or use `hyperbooth finetune` for dreambooth-lora")
+        raise ConfigError(f"--method {method!r} is not a registered method ({known})")
+    if not (SHIPPED[method] / "hypernet_config.json").is_file():
+        raise ConfigError(f"this version ships no {method} checkpoint yet; train one (README: HyperDreamBooth) and pass --hypernet FOLDER")
+    return SHIPPED[method]
 
 
-def load_personalizer(folder: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> Personalizer:
-    """The personalizer saved in ``folder`` (any registered method; default: the shipped e2e hypernetwork)."""
-    return load(personalizer_folder(folder)).to(device)
+def load_personalizer(folder: str | os.PathLike | None = None, device: str | torch.device = "cpu", method: str | None = None,
+                      **options) -> Personalizer:
+    """The personalizer saved in ``folder`` (any registered method; default: the shipped checkpoint of ``method``,
+    e2e when that is None too), with inference ``options`` (e.g. ``iterations=2``, ``fast_finetune_steps=40``)."""
+    return load(personalizer_folder(folder, method)).with_options(**options).to(device)
 
 
 def load_references(paths: Sequence[str | os.PathLike], resolution: int) -> torch.Tensor:
@@ -57,6 +76,31 @@ def personalize(images: Sequence[str | os.PathLike] | torch.Tensor, personalizer
     t0 = time.perf_counter()
     weights = personalizer.personalize(refs[None].to(personalizer.device), backbone, class_names=[class_name] if class_name else None)
     return weights, (time.perf_counter() - t0) * 1e3
+
+
+def parse_options(text: str, what: str = "--with") -> dict:
+    """``"iterations=2,fast_finetune_steps=40"`` → ``{"iterations": 2, "fast_finetune_steps": 40}`` (values read as
+    YAML scalars); ``""`` → ``{}``; a malformed item is named."""
+    import yaml
+
+    options = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what} {text!r}: {item!r} is not KEY=VALUE")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{what} {text!r}: cannot read the value of {key.strip()!r}") from None
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-3" as text
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        options[key.strip().replace("-", "_")] = parsed
+    return options
 
 
 def lora_provenance(personalizer: Personalizer, backbone: Backbone, folder: str | os.PathLike | None = None) -> dict:

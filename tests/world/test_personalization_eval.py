@@ -409,3 +409,27 @@ def test_cli_bad_input(extra, message, tiny_world_model, oracles_dir, hypernet_d
     assert main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_hyperdreambooth_rows_with_inference_options(tiny_world_model, oracles_dir, tmp_path, capsys):
+    """One HyperDreamBooth folder as several rows (K refinement steps, fast fine-tune steps) through --with."""
+    from hyperbooth.backbones.world import WorldBackbone
+    from hyperbooth.methods.hyperdreambooth import HyperDreamBooth, HyperDreamBoothConfig
+
+    cfg = HyperDreamBoothConfig(a=8, b=6, d_model=32, layers=1, heads=2, encoder="world", encoder_dim=16, weight_loss=0.0)
+    folder = HyperDreamBooth.for_backbone(cfg, WorldBackbone.from_pretrained(tiny_world_model)).save_pretrained(tmp_path / "hdb")
+    common = ["world", "eval-personalization", "--model", str(tiny_world_model), "--oracles", str(oracles_dir), "--num-identities", "1",
+              "--prompts", "1", "--steps", "1", "--kinds", "cfg"]
+    args = list(common)
+    for label, options in (("hdb-k1", "iterations=1"), ("hdb-k2-ft2", "iterations=2,fast_finetune_steps=2")):
+        args += ["--hypernet", str(folder), "--label", label, "--with", options]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    table = {line.split("|")[1].strip(): line for line in printed.splitlines() if line.startswith("| hdb")}
+    assert set(table) == {"hdb-k1 cfg g=3", "hdb-k2-ft2 cfg g=3"}
+    personalize_ms = lambda line: float(line.rstrip(" |").split("|")[-1])  # noqa: E731
+    assert personalize_ms(table["hdb-k2-ft2 cfg g=3"]) > personalize_ms(table["hdb-k1 cfg g=3"])  # the fine-tune's own clock
+    for bad, message in ((["--with", "iterations=0"], "iterations=0"), (["--with", "rank=2"], "not an inference option"),
+                         (["--with", "a", "--with", "b=1"], "not KEY=VALUE"), (["--with", "", "--with", "b=1"], "2 --with for 1 --hypernet")):
+        assert main([*common, "--hypernet", str(folder), *bad]) == 2
+        assert message in capsys.readouterr().err

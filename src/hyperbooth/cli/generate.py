@@ -30,10 +30,19 @@ from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--hypernet``, ``--device``, ``--dtype``: shared by generate and personalize."""
     parser.add_argument("--model", default=None, help="backbone: a diffusers pipeline folder (SD 1.5 …) or hub id, or the world's model folder (default: the shipped world model)")
-    parser.add_argument("--hypernet", type=Path, default=None, help="personalizer folder of any registered method (default: the shipped e2e hypernetwork)")
-    parser.add_argument("--class-name", default=None, help="the subject's class word, for methods that fine-tune (dreambooth-lora)")
+    parser.add_argument("--hypernet", type=Path, default=None, help="personalizer folder of any registered method (default: the shipped checkpoint of --method)")
+    parser.add_argument("--method", default=None, help="the shipped checkpoint of this method (e2e, hyperdreambooth; default e2e), or the method --hypernet must hold")
+    parser.add_argument("--iterations", type=int, default=None, help="hyperdreambooth: refinement steps K of the hypernetwork (default: its config's)")
+    parser.add_argument("--fast-finetune-steps", type=int, default=None, help="hyperdreambooth: rank-relaxed fast fine-tune steps after the prediction (needs --class-name)")
+    parser.add_argument("--class-name", default=None, help="the subject's class word, for methods that fine-tune (dreambooth-lora, hyperdreambooth's fast fine-tune)")
     parser.add_argument("--device", default="cpu", help="torch device of the backbone and hypernetwork (cpu, cuda, cuda:1, mps, auto)")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the backbone (the sampler state stays float32)")
+
+
+def inference_options(args: argparse.Namespace) -> dict:
+    """The method's inference options given on the command line (``--iterations``, ``--fast-finetune-steps``)."""
+    options = {"iterations": args.iterations, "fast_finetune_steps": args.fast_finetune_steps}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def register(subparsers) -> None:
@@ -86,6 +95,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--guidance hm-cfg needs a subject (--images, --lora or --mix); use --guidance cfg for the base model")
     if args.hypernet is not None and not args.images:
         raise ConfigError(f"--hypernet {str(args.hypernet)!r} needs --images (the subject's reference images it reads)")
+    if (args.method is not None or inference_options(args)) and not args.images:
+        raise ConfigError("--method, --iterations and --fast-finetune-steps need --images (the subject's reference images)")
     args.pers_interval = parse_interval(args.pers_interval)
     if args.scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -105,11 +116,11 @@ def run(args: argparse.Namespace) -> int:
     files = image_files(args.images) if args.images else None
     for f in files or ():  # every file checked before a model loads
         load_image(f)
-    personalizer = load_personalizer(args.hypernet, device=device) if files else None  # its config names its method
+    personalizer = load_personalizer(args.hypernet, device=device, method=args.method, **inference_options(args)) if files else None
     backbone = load_backbone(args.model, device=device, dtype=DTYPES[args.dtype])
     weights, subject = None, "base model (CFG)"
     if personalizer is not None:
-        personalizer.check_backbone(backbone, source=personalizer_folder(args.hypernet))  # before any work: the folder is named
+        personalizer.check_backbone(backbone, source=personalizer_folder(args.hypernet, args.method))  # before any work: the folder is named
         weights, ms = personalize(files, personalizer, backbone, args.class_name)
         subject = f"{len(files)} reference image(s), {personalizer.method} {ms:.1f} ms"
     elif args.lora:

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from hyperbooth.backbones import as_components, load_backbone
-from hyperbooth.cli.generate import add_model_options
+from hyperbooth.cli.generate import add_model_options, inference_options
 from hyperbooth.devices import DTYPES, resolve_device
 from hyperbooth.errors import ConfigError
 from hyperbooth.files import check_writable
@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     for f in image_files(args.images):  # a bad file is named before any model loads
         load_image(f)
     device = resolve_device(args.device, "--device")
-    folder = personalizer_folder(args.hypernet)
-    personalizer = load_personalizer(folder, device=device)
+    folder = personalizer_folder(args.hypernet, args.method)
+    personalizer = load_personalizer(folder, device=device, **inference_options(args))
     backbone = load_backbone(args.model, device=device, dtype=DTYPES[args.dtype])
     personalizer.check_backbone(backbone, source=folder)  # one built for another backbone: the folder is named
     weights, ms = personalize(args.images, personalizer, backbone, args.class_name)

@@ -17,6 +17,7 @@ from hyperbooth.grids import grid, save_png
 from hyperbooth.guidance import DEFAULT_GUIDANCE_SCALE, DEFAULT_PERS_INTERVAL, DEFAULT_W_BASE, DEFAULT_W_PERS, parse_interval
 from hyperbooth.methods import SHIPPED_E2E
 from hyperbooth.methods.dreambooth_lora import WORLD_CEILING, DreamBoothLoRA
+from hyperbooth.personalize import parse_options
 from hyperbooth.sampling import DEFAULT_SCHEDULER, DEFAULT_STEPS
 from hyperbooth.world.contexts import Context
 from hyperbooth.world.eval_base import evaluate_base_model
@@ -91,6 +92,8 @@ def register(subparsers) -> None:
     pers.add_argument("--oracles", type=Path, default=None, help="oracle folder (default: the shipped one)")
     pers.add_argument("--hypernet", type=Path, action="append", default=None, help="personalizer folder of any registered method; repeat to compare several (default: the shipped e2e one)")
     pers.add_argument("--label", action="append", default=None, help="row label of each --hypernet, in order")
+    pers.add_argument("--with", dest="options", action="append", default=None, metavar="KEY=VALUE,...",
+                      help="inference options of each --hypernet, in order (e.g. iterations=2,fast_finetune_steps=40; '' for none)")
     pers.add_argument("--refs", default="1", help="reference images per subject, a list (e.g. 1,3)")
     pers.add_argument("--dreambooth-steps", default=None, help="also rows for DreamBooth-LoRA fine-tuned per identity for these step counts, a list (e.g. 400): the ceiling")
     pers.add_argument("--dreambooth-cache", type=Path, default=None, help="folder keeping the fine-tuned LoRAs (and their seconds) for reruns")
@@ -243,12 +246,20 @@ def _eval_personalization(args: argparse.Namespace) -> int:
     if any(n < 1 for n in dreambooth_steps):
         raise ConfigError(f"--dreambooth-steps={args.dreambooth_steps!r}: every step count must be at least 1")
     _check_outputs(args)
+    options = [parse_options(text) for text in args.options] if args.options is not None else None  # checked before anything loads
+    if options is not None and len(options) != len(args.hypernet or [SHIPPED_E2E]):
+        raise ConfigError(f"{len(options)} --with for {len(args.hypernet or [SHIPPED_E2E])} --hypernet folders; give one per folder ('' for none)")
     base = WorldBackbone.from_pretrained(args.model)
     folders = args.hypernet or [SHIPPED_E2E]
     personalizers = load_personalizers(folders, args.label, base)  # any registered method; checked against the UNet
     # what each row label stands for (folder and weights digest), so that merge-evals can refuse one label naming two
     # models, a retrained checkpoint in the same folder included
     sources = {label: hypernet_source(folder) for label, folder in zip(personalizers, folders)}
+    if options is not None:
+        for (label, personalizer), text, chosen in zip(personalizers.items(), args.options, options):
+            personalizer.with_options(**chosen)
+            if chosen:
+                sources[label] += f" ({text})"
     if args.multi_reference:
         modes = [m.strip() for m in args.multi_reference.split(",") if m.strip()]
         personalizers = multi_reference_variants(personalizers, modes)

@@ -3,13 +3,16 @@
     personalizer = hyperbooth.methods.load("runs/e2e_world/hypernet")   # the class its config names
     weights = personalizer.personalize(references, backbone)            # LoRAWeights, one subject per row
 
-Registered here: ``e2e`` (:mod:`~hyperbooth.methods.e2e`) and ``dreambooth-lora``
-(:mod:`~hyperbooth.methods.dreambooth_lora`, the per-subject fine-tune baseline). A new method is one module whose
+Registered here: ``e2e`` (:mod:`~hyperbooth.methods.e2e`), ``hyperdreambooth``
+(:mod:`~hyperbooth.methods.hyperdreambooth`) and ``dreambooth-lora`` (:mod:`~hyperbooth.methods.dreambooth_lora`, the
+per-subject fine-tune baseline). A new method is one module whose
 class is decorated with :func:`~hyperbooth.methods.base.register`; importing it registers it.
 """
 
 from hyperbooth.methods.base import CONFIG_NAME, METHODS, WEIGHTS_NAME, Personalizer, TrainBatch, get, load, read_config, register
 from hyperbooth.methods.dreambooth_lora import DreamBoothLoRA, FinetuneConfig
 from hyperbooth.methods.e2e import SHIPPED_E2E, E2EConfig, E2EHyperNetwork
+from hyperbooth.methods.hyperdreambooth import SHIPPED_HYPERDREAMBOOTH, HyperDreamBooth, HyperDreamBoothConfig
 
-__all__ = ["CONFIG_NAME", "METHODS", "SHIPPED_E2E", "WEIGHTS_NAME", "DreamBoothLoRA", "E2EConfig", "E2EHyperNetwork", "FinetuneConfig", "Personalizer", "TrainBatch", "get", "load", "read_config", "register"]
+__all__ = ["CONFIG_NAME", "METHODS", "SHIPPED_E2E", "SHIPPED_HYPERDREAMBOOTH", "WEIGHTS_NAME", "DreamBoothLoRA", "E2EConfig", "E2EHyperNetwork",
+           "FinetuneConfig", "HyperDreamBooth", "HyperDreamBoothConfig", "Personalizer", "TrainBatch", "get", "load", "read_config", "register"]

@@ -131,6 +131,13 @@ class Personalizer(nn.Module):
 
     # -- use -------------------------------------------------------------------------------------------------
 
+    def with_options(self, **options) -> Personalizer:
+        """Change settings that may differ from training (e.g. HyperDreamBooth's refinement steps or fast fine-tune
+        steps) in place; a method without such settings refuses every one, naming it."""
+        if options:
+            raise ConfigError(f"method {self.method!r} has no inference option {sorted(options)[0]!r}")
+        return self
+
     @abstractmethod
     def forward(self, references: torch.Tensor) -> LoRAWeights: ...
 
@@ -145,6 +152,11 @@ class Personalizer(nn.Module):
         if backbone is not None:
             self.check_backbone(backbone)
         return self(references.to(self.device))
+
+    def check_training_data(self, data_config, dataset) -> None:
+        """Called by ``hyperbooth train`` before the first step with the run's data config and dataset: a method
+        whose loss needs something of its data (e.g. pre-optimized targets for its identities) refuses a mismatch
+        here, naming it, instead of failing or silently doing nothing mid-run. Default: no requirement."""
 
     def training_loss(self, batch: TrainBatch, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss to minimise for one batch and the scalars to log (trainable methods)."""

@@ -39,7 +39,7 @@ from hyperbooth.errors import ConfigError, ImageLoadError
 from hyperbooth.evaluation.dreambench import parse_prompts_file
 from hyperbooth.images import IMAGE_SUFFIXES, load_image
 from hyperbooth.prompts import RARE_TOKEN, instance_prompt
-from hyperbooth.world.datasets import PersonalizationPairDataset, PrerenderedDataset
+from hyperbooth.world.datasets import PersonalizationPairDataset, PrerenderedDataset, bank_identities
 
 DATA_KINDS = ("world", "dreambench", "folder")
 MODES = ("cross", "same")
@@ -61,6 +61,9 @@ class DataConfig:
     cond_dropout: float = 0.05  # probability of training a sample on the empty prompt (for classifier-free guidance)
     num_workers: int = 1  # world: render processes; image folders: DataLoader workers
     prerender: bool = True  # world: render this process's samples first (on num_workers processes), then train from memory
+    identities: int = 0  # world: draw subjects from a fixed bank of this many training identities (0: a fresh one per sample)
+    identity_start: int = 0  # world: the bank is the first `identities` training seeds from this one (world.datasets.bank_identities)
+    bank_fraction: float = 1.0  # world, with a bank: the share of samples drawn from it (the rest are fresh identities)
 
     def validate(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -79,6 +82,12 @@ class DataConfig:
             raise ConfigError(f"data.flip_p={self.flip_p} must be in [0, 1]")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.identities < 0 or self.identity_start < 0:
+            raise ConfigError(f"data.identities={self.identities} and data.identity_start={self.identity_start} must be >= 0")
+        if self.identities and self.kind != "world":
+            raise ConfigError(f"data.identities={self.identities}: an identity bank exists only for data.kind='world'")
+        if not 0.0 <= self.bank_fraction <= 1.0:
+            raise ConfigError(f"data.bank_fraction={self.bank_fraction} must be in [0, 1]")
         if not self.token or any(c.isspace() for c in self.token):
             raise ConfigError(f"data.token={self.token!r} must be one non-empty word")
 
@@ -107,6 +116,14 @@ class _Photos:
         if self.cache is not None:  # the same float32 values load_image gives (it divides the same uint8 values)
             return self.cache[i].float() / 127.5 - 1.0
         return load_image(self.files[i], size=self.resolution)
+
+
+def names_digest(files: Sequence[Path]) -> str:
+    """A digest of a photo folder's file names in their (sorted) order: a photo's index is its identity, so targets
+    pre-optimized on one folder fit another only if this agrees."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(f.name for f in files).encode()).hexdigest()[:16]
 
 
 def _flip(image: torch.Tensor, rng: np.random.Generator, p: float) -> torch.Tensor:
@@ -159,6 +176,8 @@ class SubjectFolderDataset(Dataset):
             "target": _flip(photos[target], rng, self.cfg.flip_p),  # (3, H, W)
             "prompt": instance_prompt(self.classes[s], self.cfg.token),
             "class_name": self.classes[s],
+            "identity": s,  # the subject folder's index (sorted names); no pre-optimized bank is made of these
+            "in_bank": False,
         }
 
 
@@ -207,6 +226,8 @@ class PhotoFolderDataset(Dataset):
             "target": _flip(image, np.random.default_rng([self.cfg.seed, index, 29]), self.cfg.flip_p),
             "prompt": self.prompts[i],
             "class_name": self.classes[i],
+            "identity": i,  # the photo's index (sorted file names): HyperDreamBooth's pre-optimized target of it
+            "in_bank": True,
         }
 
 
@@ -214,7 +235,9 @@ def build_dataset(cfg: DataConfig, resolution: int, size: int) -> Dataset:
     """The dataset ``cfg`` names, its images at ``resolution``; ``size``: how many samples a run draws (indices
     ``0 … size − 1``)."""
     if cfg.kind == "world":
-        return PersonalizationPairDataset("train", size=size, k=cfg.k, mode=cfg.mode, resolution=resolution, seed=cfg.seed, token=cfg.token)
+        bank = bank_identities(cfg.identities, cfg.identity_start) if cfg.identities else None
+        return PersonalizationPairDataset("train", size=size, k=cfg.k, mode=cfg.mode, resolution=resolution, seed=cfg.seed, token=cfg.token,
+                                          identities=bank, bank_fraction=cfg.bank_fraction)
     if cfg.kind == "dreambench":
         return SubjectFolderDataset(cfg, resolution, size)
     return PhotoFolderDataset(cfg, resolution, size)
@@ -235,14 +258,19 @@ class _Indexed(Dataset):
 
 def collate(items: list[dict]) -> dict:
     """Samples → ``{"references": (N, k, 3, H, W), "target": (N, 3, H, W), "prompt": [N], "class_name": [N],
-    "index": (N,)}``."""
-    return {
+    "index": (N,)}``, and where the samples know their subject (the world) ``"identity": (N,)`` int64 and
+    ``"in_bank": (N,)`` bool."""
+    out = {
         "references": torch.stack([i["references"] for i in items]),
         "target": torch.stack([i["target"] for i in items]),
         "prompt": [i["prompt"] for i in items],
         "class_name": [i["class_name"] for i in items],
         "index": torch.tensor([i["index"] for i in items]),
     }
+    if all("identity" in i for i in items):
+        out["identity"] = torch.tensor([int(i["identity"]) for i in items], dtype=torch.int64)
+        out["in_bank"] = torch.tensor([bool(i.get("in_bank", False)) for i in items])
+    return out
 
 
 def batches(dataset: Dataset, indices: Sequence[int], batch_size: int, cfg: DataConfig, progress: bool = True) -> Iterator[dict]:

@@ -182,6 +182,7 @@ def make_batch(batch: dict, backbone: Backbone, scheduler, cfg: TrainConfig) -> 
         loss_weights=loss_weights(scheduler, t, cfg.min_snr_gamma),
         prompts=prompts,
         class_names=list(batch["class_name"]),
+        extra={key: batch[key].to(device) for key in ("identity", "in_bank") if key in batch},
     )
 
 
@@ -226,6 +227,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
 
     torch.manual_seed(cfg.seed)
     personalizer = method_cls.for_backbone(method_cfg, backbone).to(device).train()
+    personalizer.check_training_data(cfg.data, dataset)  # e.g. HyperDreamBooth: every bank identity has a target
     if cfg.init_from:
         init_personalizer(personalizer, cfg.init_from)
     params = [p for p in personalizer.parameters() if p.requires_grad]
@@ -354,7 +356,11 @@ def _differences(a, b, prefix: str = "") -> list[str]:
 
 def _load_checkpoint(folder: Path, cfg: TrainConfig, model: Personalizer, optimizer, lr_schedule, ema, device) -> int:
     state = load_state(folder / "state.pt")
-    changed = _differences(_trajectory(state.get("config") or {}), _trajectory(to_dict(cfg)))
+    saved = dict(state.get("config") or {})
+    # settings added to hyperbooth after the checkpoint was written take their defaults (what the run then used)
+    saved["data"] = {**to_dict(DataConfig()), **(saved.get("data") or {})}
+    saved["hypernet"] = {**to_dict(type(model.config)()), **(saved.get("hypernet") or {})}
+    changed = _differences(_trajectory(saved), _trajectory(to_dict(cfg)))
     if changed:
         raise CheckpointError(f"--resume: {folder} was trained with another config ({changed[0]}); resume with the same "
                               f"config, or train into a new out_dir")

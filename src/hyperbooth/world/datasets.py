@@ -11,7 +11,7 @@ from hyperbooth.errors import ConfigError
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world.identity import describe, identity_class, make_identity
 from hyperbooth.world.render import check_resolution, render_identity, sample_pose
-from hyperbooth.world.splits import check_split, split_of
+from hyperbooth.world.splits import check_split, identity_seeds, split_of
 
 BACKGROUND_PROB = 0.85
 RECOLOR_PROB = 0.25
@@ -106,11 +106,22 @@ class PersonalizationPairDataset(Dataset):
       random context and pose.
     - ``mode="same"``: the target is reference 0 itself, with the prompt of its context (the papers' single-image
       training sets).
+
+    ``identities``: a fixed bank of identity seeds (e.g. the ones HyperDreamBooth pre-optimized, :func:`bank_identities`);
+    a sample draws its subject from the bank with probability ``bank_fraction``, else a fresh identity of the split.
+    Every sample says which identity it shows (``identity``) and whether it came from the bank (``in_bank``).
     """
 
     MODES = ("cross", "same")
 
-    def __init__(self, split: str = "train", size: int = 100_000, k: int = 1, mode: str = "cross", resolution: int = 32, seed: int = 0, token: str = ctx.RARE_TOKEN):
+    def __init__(self, split: str = "train", size: int = 100_000, k: int = 1, mode: str = "cross", resolution: int = 32, seed: int = 0,
+                 token: str = ctx.RARE_TOKEN, identities: list[int] | None = None, bank_fraction: float = 1.0):
+        if identities is not None and not len(identities):
+            raise ConfigError("the identity bank is empty")
+        if not 0.0 <= bank_fraction <= 1.0:
+            raise ConfigError(f"bank_fraction={bank_fraction!r} must be in [0, 1]")
+        self.identities = None if identities is None else [int(i) for i in identities]
+        self.bank_fraction = float(bank_fraction)
         if mode not in self.MODES:
             raise ConfigError(f"unknown pair mode {mode!r}; choose one of {', '.join(self.MODES)}")
         if k < 1:
@@ -123,7 +134,12 @@ class PersonalizationPairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, index, 13])
-        identity = make_identity(sample_identity(rng, self.split))
+        in_bank = False
+        if self.identities is not None:
+            bank = np.random.default_rng([self.seed, index, 17])  # its own stream: the draws below stay as they were
+            in_bank = bool(bank.random() < self.bank_fraction)
+        seed = self.identities[int(bank.integers(len(self.identities)))] if in_bank else sample_identity(rng, self.split)
+        identity = make_identity(seed)
         ref_contexts = [sample_context(rng, identity.class_name, self.split, recolor=False, accessory=False) for _ in range(self.k)]
         refs = [render_identity(identity, c, sample_pose(rng), self.resolution, scene_seed=int(rng.integers(2**31))) for c in ref_contexts]
         if self.mode == "same":
@@ -137,8 +153,17 @@ class PersonalizationPairDataset(Dataset):
             "prompt": ctx.prompt_for(identity.class_name, context, token=self.token, paraphrase=int(rng.integers(len(ctx.TEMPLATES)))),
             "class_name": identity.class_name,
             "identity": identity.seed,
+            "in_bank": in_bank,
             "labels": labels_of(identity.class_name, context),
         }
+
+
+def bank_identities(num: int, start: int = 0, split: str = "train") -> list[int]:
+    """A fixed bank of ``num`` identity seeds of ``split`` (the first ones from ``start``): the training identities
+    that HyperDreamBooth pre-optimizes and then trains its hypernetwork on."""
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ConfigError(f"identity bank size {num!r} must be a positive integer")
+    return list(identity_seeds(split, num, start))
 
 
 def _to_uint8(item: dict) -> dict:

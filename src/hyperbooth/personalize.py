@@ -24,11 +24,11 @@ from hyperbooth.errors import ConfigError, LoRAFileError
 from hyperbooth.images import image_files, load_image
 from hyperbooth.lora.io import load_lora
 from hyperbooth.lora.weights import LoRAWeights, combine
-from hyperbooth.methods import SHIPPED_E2E, SHIPPED_HYPERDREAMBOOTH, Personalizer, load
+from hyperbooth.methods import SHIPPED_E2E, SHIPPED_HYPERDREAMBOOTH, SHIPPED_HYPERLORA, Personalizer, load
 from hyperbooth.methods.base import METHODS, read_config, weights_digest
 
 #: method → its checkpoint shipped inside the package (``--method NAME``)
-SHIPPED = {"e2e": SHIPPED_E2E, "hyperdreambooth": SHIPPED_HYPERDREAMBOOTH}
+SHIPPED = {"e2e": SHIPPED_E2E, "hyperdreambooth": SHIPPED_HYPERDREAMBOOTH, "hyperlora": SHIPPED_HYPERLORA}
 
 
 def personalizer_folder(folder: str | os.PathLike | None = None, method: str | None = None) -> Path:

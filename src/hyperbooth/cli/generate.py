@@ -31,9 +31,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--hypernet``, ``--device``, ``--dtype``: shared by generate and personalize."""
     parser.add_argument("--model", default=None, help="backbone: a diffusers pipeline folder (SD 1.5 …) or hub id, or the world's model folder (default: the shipped world model)")
     parser.add_argument("--hypernet", type=Path, default=None, help="personalizer folder of any registered method (default: the shipped checkpoint of --method)")
-    parser.add_argument("--method", default=None, help="the shipped checkpoint of this method (e2e, hyperdreambooth; default e2e), or the method --hypernet must hold")
+    parser.add_argument("--method", default=None, help="the shipped checkpoint of this method (e2e, hyperdreambooth, hyperlora; default e2e), or the method --hypernet must hold")
     parser.add_argument("--iterations", type=int, default=None, help="hyperdreambooth: refinement steps K of the hypernetwork (default: its config's)")
     parser.add_argument("--fast-finetune-steps", type=int, default=None, help="hyperdreambooth: rank-relaxed fast fine-tune steps after the prediction (needs --class-name)")
+    parser.add_argument("--base-lora-scale", type=float, default=None, help="hyperlora: the Base-LoRA's scale (default: its config's, 0.25; 0 leaves it out)")
     parser.add_argument("--class-name", default=None, help="the subject's class word, for methods that fine-tune (dreambooth-lora, hyperdreambooth's fast fine-tune)")
     parser.add_argument("--device", default="cpu", help="torch device of the backbone and hypernetwork (cpu, cuda, cuda:1, mps, auto)")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the backbone (the sampler state stays float32)")
@@ -41,7 +42,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def inference_options(args: argparse.Namespace) -> dict:
     """The method's inference options given on the command line (``--iterations``, ``--fast-finetune-steps``)."""
-    options = {"iterations": args.iterations, "fast_finetune_steps": args.fast_finetune_steps}
+    options = {"iterations": args.iterations, "fast_finetune_steps": args.fast_finetune_steps, "base_lora_scale": args.base_lora_scale}
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -96,7 +97,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.hypernet is not None and not args.images:
         raise ConfigError(f"--hypernet {str(args.hypernet)!r} needs --images (the subject's reference images it reads)")
     if (args.method is not None or inference_options(args)) and not args.images:
-        raise ConfigError("--method, --iterations and --fast-finetune-steps need --images (the subject's reference images)")
+        raise ConfigError("--method, --iterations, --fast-finetune-steps and --base-lora-scale need --images (the subject's reference images)")
     args.pers_interval = parse_interval(args.pers_interval)
     if args.scheduler not in SCHEDULERS:
         raise ConfigError(f"unknown --scheduler {args.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")

@@ -4,7 +4,7 @@
     weights = personalizer.personalize(references, backbone)            # LoRAWeights, one subject per row
 
 Registered here: ``e2e`` (:mod:`~hyperbooth.methods.e2e`), ``hyperdreambooth``
-(:mod:`~hyperbooth.methods.hyperdreambooth`) and ``dreambooth-lora`` (:mod:`~hyperbooth.methods.dreambooth_lora`, the
+(:mod:`~hyperbooth.methods.hyperdreambooth`), ``hyperlora`` (:mod:`~hyperbooth.methods.hyperlora`) and ``dreambooth-lora`` (:mod:`~hyperbooth.methods.dreambooth_lora`, the
 per-subject fine-tune baseline). A new method is one module whose
 class is decorated with :func:`~hyperbooth.methods.base.register`; importing it registers it.
 """
@@ -13,6 +13,7 @@ from hyperbooth.methods.base import CONFIG_NAME, METHODS, WEIGHTS_NAME, Personal
 from hyperbooth.methods.dreambooth_lora import DreamBoothLoRA, FinetuneConfig
 from hyperbooth.methods.e2e import SHIPPED_E2E, E2EConfig, E2EHyperNetwork
 from hyperbooth.methods.hyperdreambooth import SHIPPED_HYPERDREAMBOOTH, HyperDreamBooth, HyperDreamBoothConfig
+from hyperbooth.methods.hyperlora import SHIPPED_HYPERLORA, HyperLoRA, HyperLoRAConfig
 
-__all__ = ["CONFIG_NAME", "METHODS", "SHIPPED_E2E", "SHIPPED_HYPERDREAMBOOTH", "WEIGHTS_NAME", "DreamBoothLoRA", "E2EConfig", "E2EHyperNetwork",
-           "FinetuneConfig", "HyperDreamBooth", "HyperDreamBoothConfig", "Personalizer", "TrainBatch", "get", "load", "read_config", "register"]
+__all__ = ["CONFIG_NAME", "METHODS", "SHIPPED_E2E", "SHIPPED_HYPERDREAMBOOTH", "SHIPPED_HYPERLORA", "WEIGHTS_NAME", "DreamBoothLoRA", "E2EConfig", "E2EHyperNetwork",
+           "FinetuneConfig", "HyperDreamBooth", "HyperDreamBoothConfig", "HyperLoRA", "HyperLoRAConfig", "Personalizer", "TrainBatch", "get", "load", "read_config", "register"]

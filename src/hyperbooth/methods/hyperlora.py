@@ -1,0 +1,369 @@
+"""HyperLoRA (Li et al., "HyperLoRA: Parameter-Efficient Adaptive Generation for Portrait Synthesis", CVPR 2025):
+perceiver resamplers emit coefficients over a learned basis of LoRAs, for an ID-LoRA and a Base-LoRA.
+
+- **A low-dimensional linear LoRA space** (:func:`mix_basis`): per target layer ``K`` basis LoRAs,
+  ``down_basis (K, d_in, r)`` and ``up_basis (K, r, d_out)``; a subject's LoRA is ``A = Σ_k c^A_k · down_k^T``,
+  ``B = Σ_k c^B_k · up_k^T`` from L2-normalised coefficients (one vector per factor per layer).
+- **Perceiver resampler** (:class:`Resampler`): learned latent queries, one per LoRA factor per target layer;
+  blocks of self-attention over the latents, cross-attention to the ID tokens, cross-attention to the image-encoder
+  tokens, feed-forward; a projection to ``K`` coefficients, L2-normalised.
+- **ID projector**: an identity embedding → ``id_tokens`` tokens (the world: the frozen pre-trained world encoder's
+  pooled embedding of the subject crop, never the oracle).
+- **ID-LoRA and Base-LoRA**: two resamplers and two bases. The ID-LoRA reads the subject crop; the Base-LoRA (rank
+  ``r/2``) reads the image with the subject removed (its box filled with the mean colour around it), so that what is not the subject (background, light)
+  has somewhere to go in training. At inference the Base-LoRA is optional (``base_lora_scale``; the released models
+  use 0.25; 0 leaves it out).
+- **Several references**: the resamplers' coefficients averaged over the references (as the released code does);
+  **interpolation** between subjects in coefficient space (:meth:`HyperLoRA.interpolate`).
+- **Three-stage training** (``stage`` in the config, each stage continuing the previous with ``init_from``):
+  (1) Base-LoRA warm-up, reconstructing the image; (2) ID-LoRA from the image-encoder tokens, each sample in one of
+  three settings — ``p_reconstruct`` trigger words + Base + ID reconstructing the target, ``p_id_only`` no trigger
+  words and the ID-LoRA alone held to the frozen base model's prediction, ``p_base_id`` no trigger words and
+  Base + ID held to the Base-LoRA model's prediction; (3) the ID-embedding path (ID projector and the ID
+  cross-attention) trained with everything else frozen, in the same three settings.
+
+The subject box: the ID crop and the removed region are a box per reference (``boxes (N, k, 4)`` as
+``x0, y0, x1, y1`` in [0, 1]); without boxes the centred square of side ``crop`` (world subjects sit near the
+centre; a face box from a detector is the photo counterpart).
+
+Exported LoRAs carry ``alpha = rank / 2``, the released models' kohya alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hyperbooth.backbones.base import Backbone
+from hyperbooth.encoders import build_encoder
+from hyperbooth.errors import ConfigError
+from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine
+from hyperbooth.methods.base import Personalizer, TrainBatch, register
+from hyperbooth.prompts import RARE_TOKEN
+
+STAGES = (1, 2, 3)
+
+#: The HyperLoRA checkpoint trained on the world and shipped inside the package (when one is shipped).
+SHIPPED_HYPERLORA = Path(__file__).resolve().parent.parent / "assets" / "world" / "hyperlora"
+
+
+@dataclass
+class HyperLoRAConfig:
+    rank: int = 4  # ID-LoRA rank r; the Base-LoRA has max(1, r // 2)
+    num_basis: int = 32  # K basis LoRAs per layer (the released SDXL models: 128)
+    base_lora: bool = True  # build a Base-LoRA (stage 1 trains it)
+    base_lora_scale: float = 0.25  # its scale at inference (the released models' 0.25); 0: ID-LoRA alone
+    d_model: int = 256
+    depth: int = 2  # resampler blocks
+    heads: int = 4
+    id_tokens: int = 4  # tokens the ID projector makes of the identity embedding
+    encoder: str = "world-pretrained"  # image encoder (frozen pre-trained world encoder, or a transformers vision folder)
+    encoder_dim: int = 128  # token size of a trainable world encoder
+    targets: tuple[str, ...] = ()  # UNet module patterns; empty: the backbone's default (its attention projections)
+    stage: int = 2  # 1: Base-LoRA warm-up, 2: ID-LoRA from image tokens, 3: ID-embedding fine-tune
+    p_reconstruct: float = 0.90  # stages 2-3: trigger words, Base + ID, reconstruct the target
+    p_id_only: float = 0.05  # no trigger words, ID-LoRA alone, held to the frozen base model
+    p_base_id: float = 0.05  # no trigger words, Base + ID, held to the Base-LoRA model
+    crop: float = 0.75  # the default subject box: the centred square of this side (fraction of the image)
+    token: str = RARE_TOKEN  # the trigger word the stage-2/3 settings drop
+
+    #: the fields that may change after training (``with_options``, ``--base-lora-scale``)
+    INFERENCE_OPTIONS: ClassVar[tuple[str, ...]] = ("base_lora_scale",)
+
+    def validate(self) -> None:
+        for key in ("rank", "num_basis", "d_model", "depth", "heads", "id_tokens", "encoder_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"hypernet.{key}={value!r} must be a positive integer")
+        if isinstance(self.stage, bool) or self.stage not in STAGES:
+            raise ConfigError(f"hypernet.stage={self.stage!r} must be 1, 2 or 3 (Base-LoRA warm-up, ID-LoRA, ID-embedding fine-tune)")
+        probabilities = (self.p_reconstruct, self.p_id_only, self.p_base_id)
+        if any(isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1 for p in probabilities) or abs(sum(probabilities) - 1) > 1e-6:
+            raise ConfigError(f"hypernet.p_reconstruct, p_id_only, p_base_id = {probabilities} must be probabilities that sum to 1")
+        if not isinstance(self.base_lora, bool):
+            raise ConfigError(f"hypernet.base_lora={self.base_lora!r} must be true or false")
+        if self.stage == 1 and not self.base_lora:
+            raise ConfigError("hypernet.stage=1 trains the Base-LoRA: it needs hypernet.base_lora=true")
+        if isinstance(self.base_lora_scale, bool) or not isinstance(self.base_lora_scale, (int, float)) or not (math.isfinite(self.base_lora_scale) and self.base_lora_scale >= 0):
+            raise ConfigError(f"hypernet.base_lora_scale={self.base_lora_scale!r} must be a number >= 0")
+        if not (isinstance(self.crop, (int, float)) and 0 < self.crop <= 1):
+            raise ConfigError(f"hypernet.crop={self.crop!r} must be in (0, 1]")
+        if self.d_model % self.heads:
+            raise ConfigError(f"hypernet.d_model={self.d_model} must be divisible by hypernet.heads={self.heads}")
+
+    @property
+    def base_rank(self) -> int:
+        return max(1, self.rank // 2)
+
+
+# -- the math -------------------------------------------------------------------------------------------------------
+
+
+def mix_basis(coeff_A: torch.Tensor, coeff_B: torch.Tensor, down_basis: torch.Tensor, up_basis: torch.Tensor, alpha: float) -> LoRALayer:
+    """One layer's LoRA of N subjects from its basis: ``coeff_A, coeff_B (N, K)``, ``down_basis (K, d_in, r)``,
+    ``up_basis (K, r, d_out)`` → ``A = Σ_k c^A_k down_k^T (N, r, d_in)``, ``B = Σ_k c^B_k up_k^T (N, d_out, r)``."""
+    if coeff_A.shape[-1] != down_basis.shape[0] or coeff_B.shape[-1] != up_basis.shape[0]:
+        raise ConfigError(f"{coeff_A.shape[-1]} / {coeff_B.shape[-1]} coefficients for a basis of {down_basis.shape[0]} / {up_basis.shape[0]} LoRAs")
+    A = torch.einsum("nk,kdr->nrd", coeff_A, down_basis.to(coeff_A))
+    B = torch.einsum("nk,kro->nor", coeff_B, up_basis.to(coeff_B))
+    return LoRALayer(A, B, alpha)
+
+
+def draw_settings(u: torch.Tensor, p_reconstruct: float, p_id_only: float) -> torch.Tensor:
+    """Uniform draws ``u (N,)`` → each sample's training setting: 0 reconstruct (trigger words, Base + ID), 1 ID-only
+    held to the base model, 2 Base + ID held to the Base-LoRA model."""
+    return (u >= p_reconstruct).long() + (u >= p_reconstruct + p_id_only).long()
+
+
+def subject_views(images: torch.Tensor, boxes: torch.Tensor | None = None, crop: float = 0.75) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images (B, 3, H, W)`` → ``(the subject box cropped and resized to H x W, the image with the subject removed:
+    the box filled with the mean colour around it)``. ``boxes (B, 4)``: ``x0, y0, x1, y1`` in [0, 1]; default the
+    centred square of side ``crop``. (A blur would keep the subject's colours, which are identity on the world.)"""
+    b, _, h, w = images.shape
+    if boxes is None:
+        lo, hi = (1 - crop) / 2, (1 + crop) / 2
+        boxes = images.new_tensor([lo, lo, hi, hi]).expand(b, 4)
+    crops, removed = [], []
+    for i in range(b):
+        x0, y0, x1, y1 = boxes[i].tolist()
+        c0, r0 = max(0, int(math.floor(x0 * w))), max(0, int(math.floor(y0 * h)))
+        c1, r1 = min(w, max(c0 + 1, int(math.ceil(x1 * w)))), min(h, max(r0 + 1, int(math.ceil(y1 * h))))
+        crops.append(F.interpolate(images[i:i + 1, :, r0:r1, c0:c1], size=(h, w), mode="bilinear", align_corners=False))
+        mask = torch.zeros(1, 1, h, w, device=images.device, dtype=images.dtype)
+        mask[..., r0:r1, c0:c1] = 1
+        outside = (1 - mask).sum()
+        fill = (images[i:i + 1] * (1 - mask)).sum(dim=(2, 3), keepdim=True) / outside if outside > 0 else torch.zeros_like(images[i:i + 1, :, :1, :1])
+        removed.append(images[i:i + 1] * (1 - mask) + fill * mask)
+    return torch.cat(crops), torch.cat(removed)
+
+
+# -- the networks -----------------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int, use_id: bool):
+        super().__init__()
+        self.norm_self, self.self_attn = nn.LayerNorm(d), nn.MultiheadAttention(d, heads, batch_first=True)
+        self.use_id = use_id
+        if use_id:
+            self.norm_id, self.id_attn = nn.LayerNorm(d), nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm_img, self.img_attn = nn.LayerNorm(d), nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm_ff, self.ff = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        h = self.norm_self(x)
+        x = x + self.self_attn(h, h, h, need_weights=False)[0]
+        if self.use_id and ids is not None:
+            x = x + self.id_attn(self.norm_id(x), ids, ids, need_weights=False)[0]
+        x = x + self.img_attn(self.norm_img(x), image, image, need_weights=False)[0]
+        return x + self.ff(self.norm_ff(x))
+
+
+class Resampler(nn.Module):
+    """Learned latents (one per LoRA factor per target layer) → ``(N, L, K)`` L2-normalised coefficients."""
+
+    def __init__(self, num_latents: int, d: int, depth: int, heads: int, num_basis: int, use_id: bool):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, d) * 0.02)
+        self.blocks = nn.ModuleList(_Block(d, heads, use_id) for _ in range(depth))
+        self.norm = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, num_basis)
+
+    def forward(self, image: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.latents.unsqueeze(0).expand(image.shape[0], -1, -1)
+        for block in self.blocks:
+            x = block(x, image, ids)
+        return F.normalize(self.proj(self.norm(x)), dim=-1)
+
+
+class _Basis(nn.Module):
+    """Per target layer ``down (K, d_in, r)`` (random, ~1/sqrt(d_in)) and ``up (K, r, d_out)`` (zero: ΔW = 0 at init)."""
+
+    def __init__(self, shapes: list[tuple[int, int]], num_basis: int, rank: int):
+        super().__init__()
+        self.down = nn.ParameterList(nn.Parameter(torch.randn(num_basis, d_in, rank) / math.sqrt(d_in)) for d_in, _ in shapes)
+        self.up = nn.ParameterList(nn.Parameter(torch.zeros(num_basis, rank, d_out)) for _, d_out in shapes)
+
+
+@register
+class HyperLoRA(Personalizer):
+    """references ``(N, k, 3, H, W)`` → ID-LoRA (+ ``base_lora_scale`` × Base-LoRA) as :class:`LoRAWeights`."""
+
+    method = "hyperlora"
+    config_class = HyperLoRAConfig
+
+    def __init__(self, config: HyperLoRAConfig, target_shapes: dict[str, tuple[int, int]]):
+        super().__init__(config, target_shapes)
+        cfg = config
+        self.names = list(self.target_shapes)
+        shapes = [self.target_shapes[n] for n in self.names]
+        d, n_lat = cfg.d_model, 2 * len(self.names)  # an A and a B latent per layer
+        self.encoder = build_encoder(cfg.encoder, cfg.encoder_dim)
+        self.id_token_proj = nn.Linear(self.encoder.out_dim, d)
+        self.id_projector = nn.Sequential(nn.Linear(self.encoder.out_dim, d), nn.GELU(), nn.Linear(d, cfg.id_tokens * d))
+        self.id_resampler = Resampler(n_lat, d, cfg.depth, cfg.heads, cfg.num_basis, use_id=True)
+        self.id_basis = _Basis(shapes, cfg.num_basis, cfg.rank)
+        if cfg.base_lora:
+            self.base_token_proj = nn.Linear(self.encoder.out_dim, d)
+            self.base_resampler = Resampler(n_lat, d, cfg.depth, cfg.heads, cfg.num_basis, use_id=False)
+            self.base_basis = _Basis(shapes, cfg.num_basis, cfg.base_rank)
+        self._set_stage(cfg.stage)
+
+    # -- stages -------------------------------------------------------------------------------------------------
+
+    def stage_parameters(self, stage: int) -> list[str]:
+        """Names of the parameters stage ``stage`` trains (the frozen encoder never)."""
+        names = [n for n, _ in self.named_parameters() if not n.startswith("encoder.")]
+        id_attn = lambda n: ".id_attn." in n or ".norm_id." in n  # noqa: E731
+        if stage == 1:
+            return [n for n in names if n.startswith(("base_token_proj.", "base_resampler.", "base_basis."))]
+        if stage == 2:
+            return [n for n in names if n.startswith(("id_token_proj.", "id_resampler.", "id_basis.")) and not id_attn(n)]
+        return [n for n in names if n.startswith("id_projector.") or id_attn(n)]
+
+    def _set_stage(self, stage: int) -> None:
+        trained = set(self.stage_parameters(stage))
+        for name, p in self.named_parameters():
+            if not name.startswith("encoder.") or self.encoder.trainable:
+                p.requires_grad_(name in trained)
+
+    def with_options(self, **options) -> HyperLoRA:
+        unknown = [k for k in options if k not in HyperLoRAConfig.INFERENCE_OPTIONS]
+        if unknown:
+            raise ConfigError(f"{unknown[0]!r} is not an inference option of {self.method} (options: {', '.join(HyperLoRAConfig.INFERENCE_OPTIONS)})")
+        config = dataclasses.replace(self.config, **options)
+        config.validate()
+        self.config = config
+        return self
+
+    # -- forward --------------------------------------------------------------------------------------------------
+
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        if self.encoder.trainable:
+            return self.encoder(images)
+        with torch.no_grad():
+            return self.encoder(images)
+
+    def coefficients(self, references: torch.Tensor, boxes: torch.Tensor | None = None, use_id: bool | None = None) -> dict[str, torch.Tensor]:
+        """references ``(N, k, 3, H, W)`` → ``{"id": (N, 2L, K), "base": (N, 2L, K)}``, each the mean over the k
+        references of the resampler's L2-normalised coefficients (rows ``2l`` and ``2l + 1``: layer l's A and B).
+        ``use_id``: whether the ID-embedding path runs (default: in a stage-3 model, the stage that trains it)."""
+        if references.ndim == 4:
+            references = references[:, None]
+        if references.ndim != 5 or references.shape[2] != 3:
+            raise ConfigError(f"references must be (N, k, 3, H, W) images, got shape {tuple(references.shape)}")
+        n, k = references.shape[:2]
+        flat = references.flatten(0, 1)
+        crops, removed = subject_views(flat, None if boxes is None else boxes.flatten(0, 1), self.config.crop)
+        id_feats = self._tokens(crops)  # (n·k, T, D)
+        if use_id is None:
+            use_id = self.config.stage == 3
+        ids = self.id_projector(id_feats.mean(dim=1)).unflatten(-1, (self.config.id_tokens, self.config.d_model)) if use_id else None
+        out = {"id": self.id_resampler(self.id_token_proj(id_feats), ids).unflatten(0, (n, k)).mean(dim=1)}
+        if self.config.base_lora:
+            out["base"] = self.base_resampler(self.base_token_proj(self._tokens(removed))).unflatten(0, (n, k)).mean(dim=1)
+        return out
+
+    def _lora(self, coeff: torch.Tensor, basis: _Basis, rank: int) -> LoRAWeights:
+        alpha = rank / 2  # the released models' kohya alpha
+        return LoRAWeights({name: mix_basis(coeff[:, 2 * i], coeff[:, 2 * i + 1], basis.down[i], basis.up[i], alpha)
+                            for i, name in enumerate(self.names)})
+
+    def id_lora(self, coeffs: dict[str, torch.Tensor]) -> LoRAWeights:
+        return self._lora(coeffs["id"], self.id_basis, self.config.rank)
+
+    def base_lora(self, coeffs: dict[str, torch.Tensor]) -> LoRAWeights:
+        if "base" not in coeffs:
+            raise ConfigError("this HyperLoRA has no Base-LoRA (hypernet.base_lora: false)")
+        return self._lora(coeffs["base"], self.base_basis, self.config.base_rank)
+
+    def weights(self, coeffs: dict[str, torch.Tensor], base_scale: float | None = None) -> LoRAWeights:
+        """The subjects' LoRA from coefficients: the ID-LoRA, plus ``base_scale`` × the Base-LoRA when that is > 0
+        (one LoRA of rank r + r/2, exact)."""
+        scale = self.config.base_lora_scale if base_scale is None else base_scale
+        ident = self.id_lora(coeffs)
+        if scale <= 0 or "base" not in coeffs:
+            return ident
+        return combine([ident, self.base_lora(coeffs)], [1.0, float(scale)])
+
+    def forward(self, references: torch.Tensor, boxes: torch.Tensor | None = None) -> LoRAWeights:
+        return self.weights(self.coefficients(references, boxes))
+
+    @torch.no_grad()
+    def interpolate(self, refs_a: torch.Tensor, refs_b: torch.Tensor, t: float) -> LoRAWeights:
+        """The LoRA at ``t`` between two subjects (``(k, 3, H, W)`` each), mixing their coefficients:
+        ``(1 − t) c_A + t c_B`` (in the LoRA space the bases span, not in ΔW)."""
+        a, b = self.coefficients(refs_a[None]), self.coefficients(refs_b[None])
+        return self.weights({key: torch.lerp(a[key], b[key], float(t)) for key in a})
+
+    # -- training -------------------------------------------------------------------------------------------------
+
+    def training_loss(self, batch: TrainBatch, backbone: Backbone) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Stage 1: the Base-LoRA alone reconstructs the target. Stages 2-3: each sample in one of three settings
+        (:func:`draw_settings`, from the global RNG the engine seeds per step): reconstruct with trigger words and
+        Base + ID; without trigger words the ID-LoRA alone held to the frozen base model's prediction; without
+        trigger words Base + ID held to the Base-LoRA model's. Min-SNR-weighted MSE throughout."""
+        cfg = self.config
+        coeffs = self.coefficients(batch.references)
+        if cfg.stage == 1:
+            with backbone.apply_lora(self.base_lora(coeffs), mode="per_sample"):
+                pred = backbone.denoise(batch.x_t, batch.t, batch.cond)
+            loss = _mse(pred, batch.target, batch.loss_weights)
+            return loss, {"reconstruct": loss}
+        n = batch.x_t.shape[0]
+        setting = draw_settings(torch.rand(n), cfg.p_reconstruct, cfg.p_id_only).to(batch.x_t.device)
+        plain = [_drop_token(p, cfg.token) for p in batch.prompts]
+        cond = batch.cond
+        if (setting > 0).any():  # the prompts of settings 1-2 without their trigger words
+            cond = backbone.encode_prompts([plain[i] if setting[i] > 0 else batch.prompts[i] for i in range(n)])
+        ident = self.id_lora(coeffs)
+        target = batch.target
+        if "base" in coeffs:
+            with torch.no_grad():
+                base = self.base_lora({k: v.detach() for k, v in coeffs.items()})
+            keep = (setting != 1).to(base[self.names[0]].B.dtype)  # ID-only rows carry no Base-LoRA
+            base = base.map(lambda l: LoRALayer(l.A, l.B * keep[:, None, None], l.alpha))
+            weights = combine([ident, base], [1.0, 1.0])
+        else:
+            base, weights = None, ident
+        if (setting > 0).any():  # the teachers: the frozen base model (setting 1), the Base-LoRA model (setting 2)
+            with torch.no_grad():
+                teacher_rows = setting > 0
+                if base is not None:
+                    with backbone.apply_lora(base, mode="per_sample"):  # zero Base-LoRA on setting-1 rows: the base model
+                        teacher = backbone.denoise(batch.x_t, batch.t, cond)
+                else:
+                    teacher = backbone.denoise(batch.x_t, batch.t, cond)
+            target = torch.where(teacher_rows[:, None, None, None], teacher.to(target.dtype), target)
+        with backbone.apply_lora(weights, mode="per_sample"):
+            pred = backbone.denoise(batch.x_t, batch.t, cond)
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1) * batch.loss_weights
+        loss = per_sample.mean()
+        scalars = {"reconstruct": _masked_mean(per_sample, setting == 0), "id_only": _masked_mean(per_sample, setting == 1),
+                   "base_id": _masked_mean(per_sample, setting == 2)}
+        return loss, scalars
+
+    # -- files ------------------------------------------------------------------------------------------------
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return ((pred.float() - target.float()).pow(2).flatten(1).mean(dim=1) * weights).mean()
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return values[mask].mean().detach() if mask.any() else torch.zeros((), device=values.device)
+
+
+def _drop_token(prompt: str, token: str) -> str:
+    """The prompt without its trigger word (``"a sks toy in the snow"`` → ``"a toy in the snow"``)."""
+    return " ".join(w for w in prompt.split() if w != token)

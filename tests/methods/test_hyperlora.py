@@ -1,0 +1,174 @@
+"""HyperLoRA: the basis mixing, L2-normalised coefficients averaged over references, ID-only vs ID + Base output,
+coefficient interpolation, the three stages' parameters and settings, and bad configs."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from hyperbooth import methods
+from hyperbooth.backbones import load_backbone
+from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.methods.hyperlora import HyperLoRA, HyperLoRAConfig, draw_settings, mix_basis, subject_views
+
+SHAPES = {"a.to_q": (8, 8), "a.to_k": (12, 8), "b.to_q": (16, 24)}
+CFG = HyperLoRAConfig(rank=4, num_basis=6, d_model=32, depth=1, heads=2, id_tokens=2, encoder="world", encoder_dim=16)
+
+
+def _trained_like(net: HyperLoRA) -> HyperLoRA:
+    """Up-bases moved off zero (as after training), so that the LoRAs are not zero."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for basis in [net.id_basis] + ([net.base_basis] if net.config.base_lora else []):
+            for up in basis.up:
+                up.copy_(torch.randn(up.shape, generator=g) * 0.1)
+    return net
+
+
+def test_basis_mixing_is_the_explicit_sum():
+    g = torch.Generator().manual_seed(0)
+    cA, cB = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    down, up = torch.randn(5, 12, 4, generator=g), torch.randn(5, 4, 7, generator=g)
+    layer = mix_basis(cA, cB, down, up, alpha=2.0)
+    for n in range(3):
+        A = sum(cA[n, k] * down[k].T for k in range(5))
+        B = sum(cB[n, k] * up[k].T for k in range(5))
+        torch.testing.assert_close(layer.A[n], A)
+        torch.testing.assert_close(layer.B[n], B)
+    assert layer.scale == 0.5  # alpha r / 2: the released models' kohya alpha
+    with pytest.raises(ConfigError, match="coefficients for a basis"):
+        mix_basis(cA[:, :4], cB, down, up, 2.0)
+
+
+def test_coefficients_are_normalised_and_averaged_over_references():
+    net = _trained_like(HyperLoRA(CFG, SHAPES)).eval()
+    refs = torch.rand(2, 3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        single = [net.coefficients(refs[:, j:j + 1]) for j in range(3)]
+        for c in single:
+            for value in c.values():
+                torch.testing.assert_close(value.norm(dim=-1), torch.ones(value.shape[:-1]))
+        together = net.coefficients(refs)
+        for key in together:
+            torch.testing.assert_close(together[key], sum(c[key] for c in single) / 3)  # the mean of the per-reference ones
+        averaged = {key: sum(c[key] for c in single) / 3 for key in together}
+        a, b = net(refs).deltas(), net.weights(averaged).deltas()
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_id_only_output_has_no_base_lora_and_the_full_one_adds_it_scaled():
+    net = _trained_like(HyperLoRA(CFG, SHAPES)).eval()
+    refs = torch.rand(2, 1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        coeffs = net.coefficients(refs)
+        only = net.weights(coeffs, base_scale=0)
+        full = net.weights(coeffs, base_scale=0.25)
+        ident, base = net.id_lora(coeffs).deltas(), net.base_lora(coeffs).deltas()
+    assert set(only.ranks.values()) == {4} and set(full.ranks.values()) == {4 + 2}  # r, and r + r/2
+    for name in SHAPES:
+        torch.testing.assert_close(only.deltas()[name], ident[name])
+        torch.testing.assert_close(full.deltas()[name], ident[name] + 0.25 * base[name])
+    assert set(net.with_options(base_lora_scale=0)(refs).ranks.values()) == {4}
+    with pytest.raises(ConfigError, match="'rank' is not an inference option"):
+        net.with_options(rank=2)
+    no_base = HyperLoRA(dataclasses.replace(CFG, base_lora=False), SHAPES)
+    assert set(no_base(refs).ranks.values()) == {4} and not any(n.startswith("base_") for n, _ in no_base.named_parameters())
+
+
+def test_interpolation_runs_in_coefficient_space():
+    net = _trained_like(HyperLoRA(CFG, SHAPES)).eval()
+    a, b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        wa, wb, half = net(a[None]).deltas(), net(b[None]).deltas(), net.interpolate(a, b, 0.5)
+        ca, cb = net.coefficients(a[None]), net.coefficients(b[None])
+        mid = net.weights({k: (ca[k] + cb[k]) / 2 for k in ca}).deltas()
+        ends = net.interpolate(a, b, 0.0).deltas(), net.interpolate(a, b, 1.0).deltas()
+    for name in SHAPES:
+        torch.testing.assert_close(half.deltas()[name], mid[name])
+        torch.testing.assert_close(ends[0][name], wa[name])
+        torch.testing.assert_close(ends[1][name], wb[name])
+
+
+def test_subject_views_crop_the_box_and_remove_it():
+    images = torch.zeros(1, 3, 32, 32)
+    images[..., 8:24, 8:24] = 1.0  # a white square subject on black
+    crop, removed = subject_views(images, torch.tensor([[0.25, 0.25, 0.75, 0.75]]))
+    assert crop.min() > 0.99  # the box is the subject, stretched to the frame
+    assert removed.abs().max() == 0  # the box takes the colour around it: nothing of the subject is left
+    assert torch.equal(removed[..., :8, :], images[..., :8, :])  # outside the box: untouched
+    default_crop, _ = subject_views(images)  # the centred square of side 0.75
+    assert default_crop.shape == images.shape
+
+
+def test_settings_are_drawn_in_the_configured_proportions():
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    setting = draw_settings(u, 0.9, 0.05)
+    fractions = torch.bincount(setting, minlength=3).float() / len(u)
+    torch.testing.assert_close(fractions, torch.tensor([0.9, 0.05, 0.05]), atol=3e-3, rtol=0)
+    assert draw_settings(torch.tensor([0.0, 0.899, 0.9, 0.949, 0.95, 0.999]), 0.9, 0.05).tolist() == [0, 0, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"stage": 4}, "stage=4 must be 1, 2 or 3"), ({"stage": 0}, "stage=0"),
+    ({"p_reconstruct": 0.8}, "sum to 1"), ({"p_id_only": -0.05, "p_base_id": 0.15}, "sum to 1"),
+    ({"stage": 1, "base_lora": False}, "needs hypernet.base_lora"), ({"base_lora_scale": -1.0}, "base_lora_scale"),
+])
+def test_bad_configs_are_named(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(CFG, **bad).validate()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_trains_only_its_parameters(stage, tiny_world_model):
+    from hyperbooth.diffusion import forward_process, loss_weights, training_scheduler
+    from hyperbooth.methods.base import TrainBatch
+
+    backbone = load_backbone(tiny_world_model)
+    net = _trained_like(HyperLoRA.for_backbone(dataclasses.replace(CFG, stage=stage, p_reconstruct=0.5, p_id_only=0.25, p_base_id=0.25), backbone))
+    trained = set(net.stage_parameters(stage))
+    assert trained and all(p.requires_grad == (n in trained) for n, p in net.named_parameters() if not n.startswith("encoder."))
+    scheduler = training_scheduler(backbone.scheduler.config)
+    torch.manual_seed(stage)
+    x0, noise, t = torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 3, 32, 32), torch.tensor([10, 300, 600, 900])
+    x_t, target = forward_process(scheduler, x0, noise, t)
+    prompts = ["a sks ball", "a sks toy in the snow", "a sks vase", "a sks backpack on the beach"]
+    batch = TrainBatch(references=torch.rand(4, 1, 3, 32, 32) * 2 - 1, x0=x0, noise=noise, t=t, x_t=x_t, target=target,
+                       cond=backbone.encode_prompts(prompts), loss_weights=loss_weights(scheduler, t, 5.0), prompts=prompts,
+                       class_names=["ball", "toy", "vase", "backpack"])
+    loss, scalars = net.training_loss(batch, backbone)
+    loss.backward()
+    for name, p in net.named_parameters():
+        if name in trained:
+            continue
+        assert p.grad is None, f"stage {stage} changed {name}"
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters() if n in trained)
+    assert set(scalars) == ({"reconstruct"} if stage == 1 else {"reconstruct", "id_only", "base_id"})
+
+
+def test_a_checkpoint_for_other_targets_is_refused(tiny_world_model, tmp_path):
+    folder = HyperLoRA(CFG, SHAPES).save_pretrained(tmp_path / "hl")
+    loaded = methods.load(folder)
+    assert type(loaded) is HyperLoRA
+    with pytest.raises(CheckpointError, match="built for another backbone"):
+        loaded.check_backbone(load_backbone(tiny_world_model), source=folder)
+
+
+def test_cli_personalize_with_base_lora_scale(tiny_world_model, tmp_path, capsys):
+    from PIL import Image
+
+    from hyperbooth.cli import main
+    from hyperbooth.lora import load_lora
+
+    backbone = load_backbone(tiny_world_model)
+    folder = _trained_like(HyperLoRA.for_backbone(CFG, backbone)).save_pretrained(tmp_path / "hl")
+    image = tmp_path / "ref.png"
+    Image.new("RGB", (32, 32), (30, 160, 40)).save(image)
+    args = ["personalize", "--images", str(image), "--hypernet", str(folder), "--model", str(tiny_world_model)]
+    for scale, rank in (("0.25", 4 + 2), ("0", 4)):
+        out = tmp_path / f"s{scale}.safetensors"
+        assert main([*args, "--base-lora-scale", scale, "--out", str(out)]) == 0
+        assert set(load_lora(out, backbone.unet).unet.ranks.values()) == {rank}
+    assert main([*args, "--base-lora-scale", "-1", "--out", str(tmp_path / "bad.safetensors")]) == 2
+    assert "base_lora_scale=-1" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
+    assert main([*args[:3], "--method", "hyperlora", "--model", str(tiny_world_model), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "ships no hyperlora checkpoint yet" in capsys.readouterr().err

@@ -48,6 +48,8 @@ def test_tiny_run_exports_a_loadable_model_and_resumes_exactly(tmp_path):
     (part / "checkpoints" / "latest").write_text("step-0000002")
     train_base(_cfg(part, "optim.max_steps=3"), resume=True)
     assert _losses(part)[3] == pytest.approx(_losses(full)[3], rel=0, abs=0)
+    with open(part / "log.csv") as f:  # the crashed run's step-3 row is replaced, not repeated
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
     uninterrupted = WorldBackbone.from_pretrained(folder).unet.state_dict()
     resumed = WorldBackbone.from_pretrained(part / "model").unet.state_dict()
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)

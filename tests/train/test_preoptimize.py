@@ -165,6 +165,7 @@ def test_a_checkpoint_from_before_new_settings_still_resumes(tiny_world_model, t
     for key in ("identities", "identity_start", "bank_fraction"):
         del state["config"]["data"][key]
     torch.save(state, state_path)
+    (state_path.parent / "manifest.json").unlink()  # older versions wrote no manifest
     train(load_train_config(None, [*args, "optim.max_steps=2"]), resume=True)
     with open(tmp_path / "log.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2]

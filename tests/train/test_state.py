@@ -1,4 +1,5 @@
 import math
+import shutil
 
 import pytest
 import torch
@@ -95,3 +96,35 @@ def test_ema_tracks_restores_and_resumes_exactly_from_a_weights_only_state(tmp_p
     target = torch.nn.Linear(2, 2)
     ema.copy_to(target.parameters())
     assert 5.0 < target.weight[0, 0].item() < 8.0  # an average of the recent values, behind the last one
+
+
+def test_a_damaged_checkpoint_is_named_and_the_one_before_resumed(tiny_world_model, tmp_path, caplog):
+    """Truncated or bit-flipped files of the newest checkpoint: --resume says so and continues from the previous
+    checkpoint, exactly (the losses after it equal the uninterrupted run's)."""
+    import csv
+    import logging
+
+    from hyperbooth.errors import CheckpointError
+    from hyperbooth.train.engine import load_train_config, train
+
+    args = ["hypernet={d_model: 32, layers: 1, heads: 2, encoder_dim: 16, rank: 2}", f"base_model={tiny_world_model}", "data.num_workers=0",
+            "optim.batch_size=2", "optim.max_steps=3", "checkpoint_every=1", "log_every=1"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(load_train_config(None, [*args, f"out_dir={full}"]))
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "hypernet")
+    ckpt = part / "checkpoints"
+    weights = ckpt / "step-0000003" / "hypernet" / "hypernet.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight: safetensors itself would not notice
+    weights.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="hyperbooth"):
+        train(load_train_config(None, [*args, f"out_dir={part}"]), resume=True)
+    assert "step-0000003 is damaged (hypernet/hypernet.safetensors differs" in caplog.text and "resuming from" in caplog.text
+    losses = lambda out: {int(r["step"]): r["loss"] for r in csv.DictReader(open(out / "log.csv"))}  # noqa: E731
+    assert losses(part) == losses(full)  # step 3 done again from step 2, bit for bit
+    for step in ("step-0000002", "step-0000003"):  # every checkpoint truncated: a clear error, nothing resumed
+        state = ckpt / step / "state.pt"
+        state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*state.pt differs"):
+        train(load_train_config(None, [*args, f"out_dir={part}"]), resume=True)

@@ -30,7 +30,7 @@ from hyperbooth.errors import ConfigError
 from hyperbooth.text import TextEncoder
 from hyperbooth.train.ema import build_ema, load_ema
 from hyperbooth.train.optim import OptimConfig, build_optimizer
-from hyperbooth.train.state import load_state, resume_checkpoint, save_state, training_state, write_checkpoint
+from hyperbooth.train.state import load_state, resume_checkpoint, save_state, training_state, trim_log, write_checkpoint
 from hyperbooth.world.base_model import WORLD_UNET_CONFIG, save_world_model
 from hyperbooth.world.datasets import BaseSampleDataset, PrerenderedDataset, check_describe
 
@@ -185,7 +185,7 @@ def train_base(cfg: BaseTrainConfig, resume: bool = False) -> Path:
     batches = BatchSource(cfg, text, start_step=step)
 
     csv_path = out / "log.csv"
-    new_log = not csv_path.exists() or step == 0
+    new_log = step == 0 or not trim_log(csv_path, step)  # resumed: the rows after the checkpoint are written again, once
     log_file = open(csv_path, "w" if new_log else "a", newline="")
     writer = csv.writer(log_file)
     if new_log:

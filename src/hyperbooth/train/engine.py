@@ -42,7 +42,7 @@ from hyperbooth.train.data import DataConfig, batches, build_dataset
 from hyperbooth.train.ema import build_ema, load_ema
 from hyperbooth.train.grad_checkpoint import enable_gradient_checkpointing
 from hyperbooth.train.optim import OptimConfig, build_optimizer
-from hyperbooth.train.state import load_state, resume_checkpoint, save_state, training_state, write_checkpoint
+from hyperbooth.train.state import load_state, resume_checkpoint, save_state, training_state, trim_log, write_checkpoint
 
 #: ``save_dtype`` → the dtype of the final folder's weights (None: the parameters' own, fp32)
 SAVE_DTYPES = {"fp32": None, "fp16": torch.float16}
@@ -319,12 +319,9 @@ def _open_log(path: Path, step: int):
     """A fresh log at step 0; on resume, the log cut back to the rows up to ``step`` (a crashed run's later rows
     are dropped, the resumed run writes them again)."""
     if step and path.is_file():
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
-        log_file = open(path, "w", newline="")
-        csv.writer(log_file).writerows(kept)
-        return log_file, _LogWriter(log_file, header_written=bool(kept))
+        header = trim_log(path, step)
+        log_file = open(path, "a", newline="")
+        return log_file, _LogWriter(log_file, header_written=header)
     log_file = open(path, "w", newline="")
     return log_file, _LogWriter(log_file, header_written=False)
 

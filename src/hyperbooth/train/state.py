@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``<out>/checkpoints/step-<N>/`` written under a temporary name and renamed when complete;
 ``<out>/checkpoints/latest`` (replaced atomically) names the newest one. An interrupted run therefore always finds
-a complete checkpoint to resume from, and nothing already written is lost. State files are read with
+a complete checkpoint to resume from, and nothing already written is lost. Each checkpoint carries
+``manifest.json``, the SHA-256 of every file in it: ``--resume`` takes the newest checkpoint whose files still match
+(a truncated or bit-flipped one is named in the log and the one before it is used). State files are read with
 ``torch.load(weights_only=True)``: no pickled code is ever executed.
 """
 
@@ -29,6 +31,7 @@ def write_checkpoint(out_dir: Path, step: int, write_fn, keep: int = 2) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write_fn(tmp)
+    _write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -38,6 +41,51 @@ def write_checkpoint(out_dir: Path, step: int, write_fn, keep: int = 2) -> Path:
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+MANIFEST = "manifest.json"
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    hashes = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        hashes[path.relative_to(folder).as_posix()] = digest.hexdigest()
+    return hashes
+
+
+def _write_manifest(folder: Path) -> None:
+    import json
+
+    (folder / MANIFEST).write_text(json.dumps(_file_hashes(folder), indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint ``folder`` cannot be trusted (a file missing, changed or truncated since it was written), or
+    None. A checkpoint written before manifests existed is trusted as it is."""
+    import json
+
+    manifest = folder / MANIFEST
+    if not folder.is_dir():
+        return "it does not exist"
+    if not manifest.is_file():
+        return None
+    try:
+        expected = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return f"{MANIFEST} is damaged"
+    found = _file_hashes(folder)
+    for name, digest in expected.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != digest:
+            return f"{name} differs from what was written (truncated or corrupted)"
+    return None
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -52,12 +100,27 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
-    """The checkpoint ``--resume`` continues from (the newest complete one), or None to start at step 0 — with a
-    warning when ``--resume`` found none."""
-    checkpoint = latest_checkpoint(out_dir) if resume else None
-    if resume and checkpoint is None:
+    """The checkpoint ``--resume`` continues from — the newest one whose files match their manifest; a damaged one is
+    named in the log and the one before it taken — or None to start at step 0, with a warning when ``--resume``
+    found none. Every checkpoint damaged: a CheckpointError naming them."""
+    if not resume:
+        return None
+    root = Path(out_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
         log.warning("--resume: no checkpoint under %s; starting from step 0", out_dir)
-    return checkpoint
+        return None
+    named = root / pointer.read_text().strip()
+    candidates = [named] + sorted((p for p in root.glob("step-*") if p.is_dir() and p != named), reverse=True)
+    damaged = []
+    for folder in candidates:
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            if damaged:
+                log.warning("--resume: %s; resuming from %s instead", "; ".join(damaged), folder)
+            return folder
+        damaged.append(f"checkpoint {folder} is damaged ({problem})")
+    raise CheckpointError(f"--resume: no usable checkpoint under {root}: {'; '.join(damaged)}; delete {root} to start over")
 
 
 def training_state(step: int, optimizer, lr_schedule, ema, config: dict, **extra) -> dict:
@@ -84,3 +147,20 @@ def load_state(path: Path) -> dict:
         raise CheckpointError(f"training state {path} is missing; the checkpoint folder is incomplete") from None
     except Exception as e:
         raise CheckpointError(f"training state {path} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def trim_log(path: Path, step: int) -> bool:
+    """Cut a CSV training log (first column: the step) back to its header and the rows up to ``step``: a run resumed
+    from the checkpoint of ``step`` writes the later rows again, so none is repeated. Returns whether a header is
+    there (False: the file is missing or empty, the caller starts it)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    return bool(kept)

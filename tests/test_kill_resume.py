@@ -17,7 +17,7 @@ from tests.conftest import TINY_UNET
 
 TINY_HYPERNETS = {
     "e2e": "hypernet={d_model: 32, layers: 1, heads: 2, encoder_dim: 16, rank: 2}",
-    "hyperlora": "hypernet={rank: 2, num_basis: 4, d_model: 32, depth: 1, heads: 2, id_tokens: 2, encoder: world, encoder_dim: 16}",
+    "hyperlora": "hypernet={rank: 2, num_basis: 4, d_model: 32, depth: 1, heads: 2, id_tokens: 2, stage: 1}",
     "hyperdreambooth": "hypernet={rank: 1, a: 8, b: 6, d_model: 32, layers: 1, heads: 2, iterations: 2, encoder: world, encoder_dim: 16, weight_loss: 0}",
 }
 

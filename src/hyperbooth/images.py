@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from struct import error as struct_error
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from hyperbooth.errors import ImageLoadError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: The most pixels a reference image may have (a 6000 x 6000 photo is 36 M); larger ones are refused from their header,
+#: before anything is decoded (a "decompression bomb" claims billions in a few bytes).
+MAX_PIXELS = 40_000_000
 
 
 def load_image(path: str | os.PathLike, size: int | None = None, min_size: int = 8) -> torch.Tensor:
@@ -29,6 +33,8 @@ def load_image(path: str | os.PathLike, size: int | None = None, min_size: int =
         raise ImageLoadError(f"{path}: no such image file")
     try:
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > MAX_PIXELS:
+                raise ImageLoadError(f"{path}: image is {im.size[0]}x{im.size[1]}, more than the {MAX_PIXELS:,} pixels accepted")
             im.load()  # decode now: a truncated file fails here, not later
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
@@ -38,7 +44,9 @@ def load_image(path: str | os.PathLike, size: int | None = None, min_size: int =
             im = im.convert("RGB")
     except UnidentifiedImageError:
         raise ImageLoadError(f"{path}: not an image file (or a format Pillow cannot read)") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"{path}: refused as a decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct_error, IndexError, TypeError, ZeroDivisionError, MemoryError) as e:  # Pillow's decoders fail in many ways on crafted files
         raise ImageLoadError(f"{path}: the image is damaged or truncated ({e})") from None
     if min(im.size) < min_size:
         raise ImageLoadError(f"{path}: image is {im.size[0]}x{im.size[1]}, smaller than the {min_size}x{min_size} the encoder needs")

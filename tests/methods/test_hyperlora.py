@@ -12,12 +12,13 @@ from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.methods.hyperlora import HyperLoRA, HyperLoRAConfig, draw_settings, mix_basis, subject_views
 
 SHAPES = {"a.to_q": (8, 8), "a.to_k": (12, 8), "b.to_q": (16, 24)}
-CFG = HyperLoRAConfig(rank=4, num_basis=6, d_model=32, depth=1, heads=2, id_tokens=2, encoder="world", encoder_dim=16)
+CFG = HyperLoRAConfig(rank=4, num_basis=6, d_model=32, depth=1, heads=2, id_tokens=2)  # the frozen pre-trained world encoder
 
 
 def _trained_like(net: HyperLoRA) -> HyperLoRA:
-    """Up-bases moved off zero (as after training), so that the LoRAs are not zero."""
+    """Up-bases moved off zero (as after training), so that the LoRAs are not zero; the stages before its own done."""
     g = torch.Generator().manual_seed(3)
+    net.stage_reached.fill_(net.config.stage - 1)
     with torch.no_grad():
         for basis in [net.id_basis] + ([net.base_basis] if net.config.base_lora else []):
             for up in basis.up:
@@ -65,6 +66,7 @@ def test_id_only_output_has_no_base_lora_and_the_full_one_adds_it_scaled():
         full = net.weights(coeffs, base_scale=0.25)
         ident, base = net.id_lora(coeffs).deltas(), net.base_lora(coeffs).deltas()
     assert set(only.ranks.values()) == {4} and set(full.ranks.values()) == {4 + 2}  # r, and r + r/2
+    assert {l.alpha for l in only.values()} == {2.0} and {l.alpha for l in full.values()} == {3.0}  # alpha = rank / 2, as released
     for name in SHAPES:
         torch.testing.assert_close(only.deltas()[name], ident[name])
         torch.testing.assert_close(full.deltas()[name], ident[name] + 0.25 * base[name])
@@ -87,6 +89,14 @@ def test_interpolation_runs_in_coefficient_space():
         torch.testing.assert_close(half.deltas()[name], mid[name])
         torch.testing.assert_close(ends[0][name], wa[name])
         torch.testing.assert_close(ends[1][name], wb[name])
+
+
+@pytest.mark.parametrize("box", [[1.0, 0.0, 1.0, 0.5], [0.6, 0.2, 0.4, 0.8], [0.0, 0.0, 1.2, 1.0], [float("nan"), 0, 1, 1]])
+def test_bad_subject_boxes_are_named(box):
+    with pytest.raises(ConfigError, match="subject box"):
+        subject_views(torch.zeros(1, 3, 32, 32), torch.tensor([box]))
+    with pytest.raises(ConfigError, match="2 subject boxes for 1 images"):
+        subject_views(torch.zeros(1, 3, 32, 32), torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]]))
 
 
 def test_subject_views_crop_the_box_and_remove_it():
@@ -112,6 +122,7 @@ def test_settings_are_drawn_in_the_configured_proportions():
     ({"stage": 4}, "stage=4 must be 1, 2 or 3"), ({"stage": 0}, "stage=0"),
     ({"p_reconstruct": 0.8}, "sum to 1"), ({"p_id_only": -0.05, "p_base_id": 0.15}, "sum to 1"),
     ({"stage": 1, "base_lora": False}, "needs hypernet.base_lora"), ({"base_lora_scale": -1.0}, "base_lora_scale"),
+    ({"encoder": "world"}, "frozen one"),
 ])
 def test_bad_configs_are_named(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -172,3 +183,63 @@ def test_cli_personalize_with_base_lora_scale(tiny_world_model, tmp_path, capsys
     assert "base_lora_scale=-1" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
     assert main([*args[:3], "--method", "hyperlora", "--model", str(tiny_world_model), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "ships no hyperlora checkpoint yet" in capsys.readouterr().err
+
+
+def _batch(backbone, prompts, seed=0):
+    from hyperbooth.diffusion import forward_process, loss_weights, training_scheduler
+    from hyperbooth.methods.base import TrainBatch
+
+    scheduler = training_scheduler(backbone.scheduler.config)
+    g = torch.Generator().manual_seed(seed)
+    n = len(prompts)
+    x0, noise = torch.rand(n, 3, 32, 32, generator=g) * 2 - 1, torch.randn(n, 3, 32, 32, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    x_t, target = forward_process(scheduler, x0, noise, t)
+    return TrainBatch(references=torch.rand(n, 1, 3, 32, 32, generator=g) * 2 - 1, x0=x0, noise=noise, t=t, x_t=x_t, target=target,
+                      cond=backbone.encode_prompts(prompts), loss_weights=loss_weights(scheduler, t, 5.0), prompts=prompts, class_names=[None] * n)
+
+
+@pytest.mark.parametrize("setting", ["id_only", "base_id"])
+def test_the_untriggered_settings_are_held_to_their_teachers(setting, tiny_world_model):
+    """All samples in one setting: the loss is the MSE to the frozen base model (ID-only) or to the Base-LoRA model
+    (Base + ID), both on the prompt without its trigger word — computed here by hand."""
+    backbone = load_backbone(tiny_world_model)
+    p = {"p_reconstruct": 0.0, "p_id_only": 1.0 if setting == "id_only" else 0.0, "p_base_id": 1.0 if setting == "base_id" else 0.0}
+    net = _trained_like(HyperLoRA.for_backbone(dataclasses.replace(CFG, stage=2, **p), backbone)).eval()
+    batch = _batch(backbone, ["a sks ball", "a sks toy in the snow", "a sks vase"])
+    with torch.no_grad():
+        loss, scalars = net.training_loss(batch, backbone)
+        coeffs = net.coefficients(batch.references)
+        plain = backbone.encode_prompts(["a ball", "a toy in the snow", "a vase"])
+        base = net.base_lora(coeffs)
+        if setting == "id_only":
+            teacher = backbone.denoise(batch.x_t, batch.t, plain)
+            student_lora = net.id_lora(coeffs)
+        else:
+            with backbone.apply_lora(base, mode="per_sample"):
+                teacher = backbone.denoise(batch.x_t, batch.t, plain)
+            student_lora = net.weights(coeffs, base_scale=1.0)
+        with backbone.apply_lora(student_lora, mode="per_sample"):
+            student = backbone.denoise(batch.x_t, batch.t, plain)
+        expected = ((student - teacher).pow(2).flatten(1).mean(1) * batch.loss_weights).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    assert scalars[setting] > 0 and scalars["reconstruct"] == 0
+
+
+def test_stages_follow_each_other_and_stage_3_starts_where_stage_2_ended(tiny_world_model, tmp_path):
+    backbone = load_backbone(tiny_world_model)
+    fresh = HyperLoRA.for_backbone(dataclasses.replace(CFG, stage=2), backbone)
+    with pytest.raises(ConfigError, match="stage=2 continues a stage-1 model"):
+        fresh.training_loss(_batch(backbone, ["a sks ball"]), backbone)
+    two = _trained_like(HyperLoRA.for_backbone(dataclasses.replace(CFG, stage=2), backbone))
+    two.train()
+    folder = two.save_pretrained(tmp_path / "two")  # saved by training: it has reached stage 2
+    three = HyperLoRA.for_backbone(dataclasses.replace(CFG, stage=3), backbone)
+    three.load_state_dict(methods.load(folder).state_dict())
+    assert int(three.stage_reached) == 2
+    refs = torch.rand(2, 1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        a, b = two.eval().coefficients(refs), three.eval().coefficients(refs)  # the ID path on, its output still zero
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    three.train()
+    three.training_loss(_batch(backbone, ["a sks ball"]), backbone)  # stage 3 after stage 2: accepted

@@ -142,8 +142,8 @@ def test_bad_inputs_are_named(tiny_world_model, tmp_path, capsys):
         _cfg(tiny_world_model, tmp_path, "optim.nope=1")
     with pytest.raises(ConfigError, match="hypernet.nope"):
         _cfg(tiny_world_model, tmp_path, "hypernet.nope=1")
-    with pytest.raises(ConfigError, match="method 'hyperlora' is not a registered method; available: .*e2e"):
-        _cfg(tiny_world_model, tmp_path, "method=hyperlora")
+    with pytest.raises(ConfigError, match="method 'photomaker' is not a registered method; available: .*e2e"):
+        _cfg(tiny_world_model, tmp_path, "method=photomaker")
     with pytest.raises(ConfigError, match="unknown config key 'output_reg'"):  # λ lives in hypernet.output_reg now
         _cfg(tiny_world_model, tmp_path, "output_reg=0")
     image = tmp_path / "ref.png"

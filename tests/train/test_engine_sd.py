@@ -147,9 +147,9 @@ def test_bf16_mixed_precision_trains_close_to_fp32(plain_run, tmp_path, fresh_ac
 def test_cli_bad_input_exits_2_and_writes_nothing(tiny_sd, tiny_clip, subject_folder, tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", *_args(tiny_sd, tiny_clip, subject_folder, "optim.max_steps=1"), f"out_dir={out}"]
-    assert main([*base, "method=hyperlora"]) == 2
+    assert main([*base, "method=photomaker"]) == 2
     err = capsys.readouterr().err
-    assert "method 'hyperlora' is not a registered method" in err and "e2e" in err
+    assert "method 'photomaker' is not a registered method" in err and "e2e" in err
     assert main([*base, "method=dreambooth-lora"]) == 2
     assert "hyperbooth finetune" in capsys.readouterr().err
     (subject_folder / "red_toy" / "99.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")

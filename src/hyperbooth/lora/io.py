@@ -213,8 +213,19 @@ def _detect_format(path: Path, keys) -> str:
     raise LoRAFileError(f"{path}: not a LoRA file in diffusers or kohya layout (first key: {first!r})")
 
 
+def _json_header(path: Path, metadata: Mapping[str, str], key: str) -> dict:
+    """A JSON object stored in the header under ``key`` ({} when absent); anything else is named."""
+    try:
+        value = json.loads(metadata.get(key, "{}") or "{}")
+    except ValueError:
+        raise LoRAFileError(f"{path}: header entry {key!r} is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise LoRAFileError(f"{path}: header entry {key!r} is not a JSON object")
+    return value
+
+
 def _parse_diffusers(path: Path, tensors, metadata) -> dict[str, dict[str, tuple[LoRALayer, bool]]]:
-    adapter_meta = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+    adapter_meta = _json_header(path, metadata, "lora_adapter_metadata")
     prefixes = {diff: comp for comp, (diff, _) in COMPONENTS.items()}
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -232,10 +243,15 @@ def _parse_diffusers(path: Path, tensors, metadata) -> dict[str, dict[str, tuple
             missing = "lora_B" if "A" in parts else "lora_A"
             raise LoRAFileError(f"{path}: key '{diff_prefix}.{name}.{missing}.weight' is missing (its pair is present)")
         rank = parts["A"].shape[0]
-        alpha = adapter_meta.get(f"{diff_prefix}.alpha_pattern", {}).get(name, adapter_meta.get(f"{diff_prefix}.lora_alpha", rank))
-        r_meta = adapter_meta.get(f"{diff_prefix}.rank_pattern", {}).get(name, adapter_meta.get(f"{diff_prefix}.r", rank))
-        # PEFT scales by lora_alpha / r where r comes from the config: honour that ratio with the real rank.
-        alpha = float(alpha) * rank / float(r_meta)
+        try:
+            alpha_pattern = adapter_meta.get(f"{diff_prefix}.alpha_pattern") or {}
+            rank_pattern = adapter_meta.get(f"{diff_prefix}.rank_pattern") or {}
+            alpha = alpha_pattern.get(name, adapter_meta.get(f"{diff_prefix}.lora_alpha", rank))
+            r_meta = rank_pattern.get(name, adapter_meta.get(f"{diff_prefix}.r", rank))
+            # PEFT scales by lora_alpha / r where r comes from the config: honour that ratio with the real rank.
+            alpha = float(alpha) * rank / float(r_meta)
+        except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+            raise LoRAFileError(f"{path}: header 'lora_adapter_metadata' gives no usable alpha / r for {diff_prefix}.{name}") from None
         out.setdefault(comp, {})[name] = _layer(path, f"{diff_prefix}.{name}", parts["A"], parts["B"], alpha)
     return out
 
@@ -243,10 +259,12 @@ def _parse_diffusers(path: Path, tensors, metadata) -> dict[str, dict[str, tuple
 def _parse_kohya(path: Path, tensors, metadata, models: Mapping[str, nn.Module]) -> dict[str, dict[str, tuple[LoRALayer, bool]]]:
     kohya_to_comp = {kohya: comp for comp, (_, kohya) in COMPONENTS.items()}
     known_names: dict[str, str] = {}  # kohya module key → (component, module name)
-    targets = json.loads(metadata.get("hyperbooth.targets", "{}") or "{}")
+    targets = _json_header(path, metadata, "hyperbooth.targets")
     for comp, names in targets.items():
         if comp not in COMPONENTS:
             raise LoRAFileError(f"{path}: header 'hyperbooth.targets' names unknown component {comp!r}")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise LoRAFileError(f"{path}: header 'hyperbooth.targets' must list module names for {comp!r}")
         for name in names:
             known_names[f"{COMPONENTS[comp][1]}_{name.replace('.', '_')}"] = (comp, name)
     for comp, model in models.items():
@@ -269,6 +287,8 @@ def _parse_kohya(path: Path, tensors, metadata, models: Mapping[str, nn.Module])
             raise LoRAFileError(f"{path}: cannot resolve key '{module_key}.lora_down.weight' to a module ({hint})")
         comp, name = known_names[module_key]
         down = parts["lora_down.weight"]
+        if "alpha" in parts and parts["alpha"].numel() != 1:
+            raise LoRAFileError(f"{path}: key '{module_key}.alpha' holds {parts['alpha'].numel()} numbers, not one")
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
         out.setdefault(comp, {})[name] = _layer(path, module_key, down, parts["lora_up.weight"], alpha)
     return out

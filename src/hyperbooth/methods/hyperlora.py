@@ -97,6 +97,9 @@ class HyperLoRAConfig:
             raise ConfigError(f"hypernet.crop={self.crop!r} must be in (0, 1]")
         if self.d_model % self.heads:
             raise ConfigError(f"hypernet.d_model={self.d_model} must be divisible by hypernet.heads={self.heads}")
+        if self.encoder == "world":
+            raise ConfigError("hypernet.encoder='world' is a trainable encoder; HyperLoRA reads a frozen one shared by both heads "
+                              "(world-pretrained, or a CLIP / DINO / ViT folder)")
 
     @property
     def base_rank(self) -> int:
@@ -129,12 +132,19 @@ def subject_views(images: torch.Tensor, boxes: torch.Tensor | None = None, crop:
     b, _, h, w = images.shape
     if boxes is None:
         lo, hi = (1 - crop) / 2, (1 + crop) / 2
-        boxes = images.new_tensor([lo, lo, hi, hi]).expand(b, 4)
+        boxes = torch.tensor([lo, lo, hi, hi]).expand(b, 4)
+    boxes = torch.as_tensor(boxes, dtype=torch.float64).detach().cpu().reshape(-1, 4)
+    if boxes.shape[0] != b:
+        raise ConfigError(f"{boxes.shape[0]} subject boxes for {b} images")
+    bad = ~(torch.isfinite(boxes).all(dim=1) & (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= 1) & (boxes[:, 3] <= 1)
+            & (boxes[:, 0] < boxes[:, 2]) & (boxes[:, 1] < boxes[:, 3]))
+    if bad.any():
+        raise ConfigError(f"subject box {boxes[int(bad.nonzero()[0])].tolist()} must be x0 < x1, y0 < y1 within [0, 1]")
     crops, removed = [], []
     for i in range(b):
         x0, y0, x1, y1 = boxes[i].tolist()
-        c0, r0 = max(0, int(math.floor(x0 * w))), max(0, int(math.floor(y0 * h)))
-        c1, r1 = min(w, max(c0 + 1, int(math.ceil(x1 * w)))), min(h, max(r0 + 1, int(math.ceil(y1 * h))))
+        c0, r0 = min(w - 1, int(math.floor(x0 * w + 1e-6))), min(h - 1, int(math.floor(y0 * h + 1e-6)))
+        c1, r1 = min(w, max(c0 + 1, int(math.ceil(x1 * w - 1e-6)))), min(h, max(r0 + 1, int(math.ceil(y1 * h - 1e-6))))
         crops.append(F.interpolate(images[i:i + 1, :, r0:r1, c0:c1], size=(h, w), mode="bilinear", align_corners=False))
         mask = torch.zeros(1, 1, h, w, device=images.device, dtype=images.dtype)
         mask[..., r0:r1, c0:c1] = 1
@@ -152,8 +162,10 @@ class _Block(nn.Module):
         super().__init__()
         self.norm_self, self.self_attn = nn.LayerNorm(d), nn.MultiheadAttention(d, heads, batch_first=True)
         self.use_id = use_id
-        if use_id:
+        if use_id:  # its output starts at zero: turning the ID path on (stage 3) starts from the stage-2 model exactly
             self.norm_id, self.id_attn = nn.LayerNorm(d), nn.MultiheadAttention(d, heads, batch_first=True)
+            nn.init.zeros_(self.id_attn.out_proj.weight)
+            nn.init.zeros_(self.id_attn.out_proj.bias)
         self.norm_img, self.img_attn = nn.LayerNorm(d), nn.MultiheadAttention(d, heads, batch_first=True)
         self.norm_ff, self.ff = nn.LayerNorm(d), nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
@@ -214,6 +226,8 @@ class HyperLoRA(Personalizer):
             self.base_token_proj = nn.Linear(self.encoder.out_dim, d)
             self.base_resampler = Resampler(n_lat, d, cfg.depth, cfg.heads, cfg.num_basis, use_id=False)
             self.base_basis = _Basis(shapes, cfg.num_basis, cfg.base_rank)
+        #: the last stage this model has been trained in (0: none), saved with it: a stage continues the one before
+        self.register_buffer("stage_reached", torch.tensor(0, dtype=torch.long))
         self._set_stage(cfg.stage)
 
     # -- stages -------------------------------------------------------------------------------------------------
@@ -227,6 +241,19 @@ class HyperLoRA(Personalizer):
         if stage == 2:
             return [n for n in names if n.startswith(("id_token_proj.", "id_resampler.", "id_basis.")) and not id_attn(n)]
         return [n for n in names if n.startswith("id_projector.") or id_attn(n)]
+
+    def check_training_data(self, data_config, dataset) -> None:
+        """The data's trigger word must be the one the untriggered settings drop."""
+        token = getattr(data_config, "token", self.config.token)
+        if self.config.stage > 1 and token != self.config.token:
+            raise ConfigError(f"data.token={token!r} but hypernet.token={self.config.token!r}: settings 2 and 3 drop the trigger word, "
+                              "so both must name the same one")
+
+    def _check_stage_order(self) -> None:
+        need = self.config.stage - 1 if (self.config.stage == 3 or self.config.base_lora) else 0
+        if int(self.stage_reached) < need:
+            raise ConfigError(f"hypernet.stage={self.config.stage} continues a stage-{need} model (init_from=<its hypernet folder>); "
+                              f"this one has reached stage {int(self.stage_reached)}")
 
     def _set_stage(self, stage: int) -> None:
         trained = set(self.stage_parameters(stage))
@@ -291,7 +318,8 @@ class HyperLoRA(Personalizer):
         ident = self.id_lora(coeffs)
         if scale <= 0 or "base" not in coeffs:
             return ident
-        return combine([ident, self.base_lora(coeffs)], [1.0, float(scale)])
+        both = combine([ident, self.base_lora(coeffs)], [1.0, float(scale)])  # alpha = rank (scale 1) ...
+        return both.map(lambda l: LoRALayer(l.A, l.B * 2.0, l.rank / 2))  # ... as alpha = rank / 2, the released files' (same ΔW)
 
     def forward(self, references: torch.Tensor, boxes: torch.Tensor | None = None) -> LoRAWeights:
         return self.weights(self.coefficients(references, boxes))
@@ -311,6 +339,7 @@ class HyperLoRA(Personalizer):
         Base + ID; without trigger words the ID-LoRA alone held to the frozen base model's prediction; without
         trigger words Base + ID held to the Base-LoRA model's. Min-SNR-weighted MSE throughout."""
         cfg = self.config
+        self._check_stage_order()
         coeffs = self.coefficients(batch.references)
         if cfg.stage == 1:
             with backbone.apply_lora(self.base_lora(coeffs), mode="per_sample"):
@@ -321,8 +350,16 @@ class HyperLoRA(Personalizer):
         setting = draw_settings(torch.rand(n), cfg.p_reconstruct, cfg.p_id_only).to(batch.x_t.device)
         plain = [_drop_token(p, cfg.token) for p in batch.prompts]
         cond = batch.cond
-        if (setting > 0).any():  # the prompts of settings 1-2 without their trigger words
-            cond = backbone.encode_prompts([plain[i] if setting[i] > 0 else batch.prompts[i] for i in range(n)])
+        if (setting > 0).any():  # the prompts of settings 1-2 without their trigger words (only those are encoded again)
+            changed = (setting > 0).nonzero().squeeze(1)
+            again = backbone.encode_prompts([plain[int(i)] for i in changed])
+            states = batch.cond.states.clone()
+            states[changed] = again.states.to(states.dtype)
+            mask = None
+            if batch.cond.mask is not None:
+                mask = batch.cond.mask.clone()
+                mask[changed] = again.mask
+            cond = type(batch.cond)(states, mask, dict(batch.cond.added))
         ident = self.id_lora(coeffs)
         target = batch.target
         if "base" in coeffs:
@@ -333,15 +370,18 @@ class HyperLoRA(Personalizer):
             weights = combine([ident, base], [1.0, 1.0])
         else:
             base, weights = None, ident
-        if (setting > 0).any():  # the teachers: the frozen base model (setting 1), the Base-LoRA model (setting 2)
+        if (setting > 0).any():  # the teachers, on their rows only: the frozen base model (setting 1), the Base-LoRA model (2)
+            rows = (setting > 0).nonzero().squeeze(1)
+            sub = type(cond)(cond.states[rows], None if cond.mask is None else cond.mask[rows], {k: v[rows] for k, v in cond.added.items()})
             with torch.no_grad():
-                teacher_rows = setting > 0
                 if base is not None:
-                    with backbone.apply_lora(base, mode="per_sample"):  # zero Base-LoRA on setting-1 rows: the base model
-                        teacher = backbone.denoise(batch.x_t, batch.t, cond)
+                    lora_rows = torch.where(setting[rows] == 2, rows, torch.full_like(rows, -1))  # -1: no LoRA on that row
+                    with backbone.apply_lora(base, mode="per_sample", rows=lora_rows):
+                        teacher = backbone.denoise(batch.x_t[rows], batch.t[rows], sub)
                 else:
-                    teacher = backbone.denoise(batch.x_t, batch.t, cond)
-            target = torch.where(teacher_rows[:, None, None, None], teacher.to(target.dtype), target)
+                    teacher = backbone.denoise(batch.x_t[rows], batch.t[rows], sub)
+            target = target.clone()
+            target[rows] = teacher.to(target.dtype)
         with backbone.apply_lora(weights, mode="per_sample"):
             pred = backbone.denoise(batch.x_t, batch.t, cond)
         per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1) * batch.loss_weights
@@ -353,7 +393,9 @@ class HyperLoRA(Personalizer):
     # -- files ------------------------------------------------------------------------------------------------
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}
+        if self.training:  # saved by a training run (checkpoints, the final folder): it has now trained this stage
+            self.stage_reached.fill_(max(int(self.stage_reached), self.config.stage))
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ def parse_options(text: str, what: str = "--with") -> dict:
 def lora_provenance(personalizer: Personalizer, backbone: Backbone, folder: str | os.PathLike | None = None) -> dict:
     """``save_lora`` keyword arguments that record the method, the hypernetwork (folder name and weights digest) and
     the backbone that made a LoRA file."""
-    extra = {"hyperbooth.backbone": backbone.name}
+    extra = {"hyperbooth.backbone": backbone.name, **personalizer.subject_metadata()}
     if folder is not None:
         folder = Path(folder)
         extra["hyperbooth.hypernet"] = f"{folder.name} sha256:{weights_digest(folder)}"
@@ -128,13 +128,23 @@ def parse_mix(specs: Sequence[str]) -> list[tuple[Path, float]]:
     return out
 
 
-def mix_loras(files: Sequence[tuple[Path, float]], models: Mapping[str, nn.Module] | nn.Module) -> dict[str, LoRAWeights]:
+def mix_loras(files: Sequence[tuple[Path, float]], models: Mapping[str, nn.Module] | nn.Module,
+              personalizer: Personalizer | None = None) -> dict[str, LoRAWeights]:
     """``Σ_i w_i · ΔW_i`` of LoRA files, per component, exact in ΔW space (:func:`~hyperbooth.lora.weights.combine`).
+    With the HyperLoRA ``personalizer`` that made every file (their headers carry its coefficients), the mix is
+    ``Σ_i w_i c_i`` in its coefficient space instead, as the method interpolates subjects.
 
     ``models``: the backbone's components (or its UNet), which every file is checked against. The files must hold
     the same components (a text-encoder LoRA in one and not another is refused, not dropped) and target the same
     modules. Returns component → the mixed LoRA."""
-    loaded = [load_lora(path, models).components for path, _ in files]
+    files_loaded = [load_lora(path, models) for path, _ in files]
+    if personalizer is not None and hasattr(personalizer, "coefficients_from_metadata"):
+        coeffs = [personalizer.coefficients_from_metadata(f.metadata, str(f.path)) for f in files_loaded]
+        if all(c is not None for c in coeffs):
+            return {"unet": personalizer.mix(coeffs, [w for _, w in files])}
+        plain = next(f.path for f, c in zip(files_loaded, coeffs) if c is None)
+        raise ConfigError(f"{plain} holds no HyperLoRA coefficients: mix it without --hypernet (in ΔW)")
+    loaded = [f.components for f in files_loaded]
     first_path, first = files[0][0], loaded[0]
     for (path, _), comps in zip(files[1:], loaded[1:]):
         if set(comps) != set(first):

@@ -243,3 +243,33 @@ def test_stages_follow_each_other_and_stage_3_starts_where_stage_2_ended(tiny_wo
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     three.train()
     three.training_loss(_batch(backbone, ["a sks ball"]), backbone)  # stage 3 after stage 2: accepted
+
+
+def test_mix_of_hyperlora_files_runs_in_coefficient_space(tiny_world_model, tmp_path, capsys):
+    from PIL import Image
+
+    from hyperbooth.cli import main
+    from hyperbooth.personalize import mix_loras
+
+    backbone = load_backbone(tiny_world_model)
+    net = _trained_like(HyperLoRA.for_backbone(CFG, backbone))
+    folder = net.save_pretrained(tmp_path / "hl")
+    files = []
+    for name, color in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+        Image.new("RGB", (32, 32), color).save(tmp_path / f"{name}.png")
+        out = tmp_path / f"{name}.safetensors"
+        assert main(["personalize", "--images", str(tmp_path / f"{name}.png"), "--hypernet", str(folder), "--model", str(tiny_world_model),
+                     "--out", str(out)]) == 0
+        files.append(out)
+    loaded = methods.load(folder)
+    mixed = mix_loras([(files[0], 0.5), (files[1], 0.5)], backbone.components, loaded)["unet"]
+    from hyperbooth.images import load_image
+
+    a, b = load_image(tmp_path / "a.png", size=32)[None], load_image(tmp_path / "b.png", size=32)[None]
+    expected = loaded.interpolate(a, b, 0.5)
+    for name in expected:
+        torch.testing.assert_close(mixed[name].delta(), expected[name].delta(), rtol=1e-4, atol=1e-6)
+    in_delta = mix_loras([(files[0], 0.5), (files[1], 0.5)], backbone.components)["unet"]  # without the HyperLoRA: ΔW
+    assert any(not torch.allclose(in_delta[n].delta(), mixed[n].delta(), atol=1e-6) for n in mixed)
+    assert main(["generate", "--prompt", "a sks ball", "--mix", f"{files[0]}:0.5", f"{files[1]}:0.5", "--hypernet", str(folder),
+                 "--model", str(tiny_world_model), "--steps", "1", "--out", str(tmp_path / "grid.png")]) == 0

@@ -52,7 +52,8 @@ def register(subparsers) -> None:
     subject = parser.add_mutually_exclusive_group()
     subject.add_argument("--images", nargs="+", help="reference images (files or folders) of one subject; the hypernetwork makes its LoRA")
     subject.add_argument("--lora", type=Path, help="a LoRA .safetensors file (diffusers or kohya layout)")
-    subject.add_argument("--mix", nargs="+", metavar="FILE:W", help="interpolate LoRA files: Σ w_i ΔW_i, e.g. a.safetensors:0.5 b.safetensors:0.5")
+    subject.add_argument("--mix", nargs="+", metavar="FILE:W", help="interpolate LoRA files: Σ w_i ΔW_i, e.g. a.safetensors:0.5 b.safetensors:0.5 "
+                         "(with --hypernet of the HyperLoRA that made them: Σ w_i c_i in its coefficient space)")
     parser.add_argument("--guidance", default=None, help=f"{' | '.join(GUIDANCE)} (default: hm-cfg with a subject, cfg without)")
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE, help="CFG scale (cfg, and the base model)")
     parser.add_argument("--w-base", type=float, default=DEFAULT_W_BASE, help="HM-CFG weight of the base model's text direction")
@@ -94,9 +95,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"unknown --guidance {args.guidance!r}; choose one of {', '.join(GUIDANCE)}")
     if args.guidance == "hm-cfg" and not (args.images or args.lora or args.mix):
         raise ConfigError("--guidance hm-cfg needs a subject (--images, --lora or --mix); use --guidance cfg for the base model")
-    if args.hypernet is not None and not args.images:
-        raise ConfigError(f"--hypernet {str(args.hypernet)!r} needs --images (the subject's reference images it reads)")
-    if (args.method is not None or inference_options(args)) and not args.images:
+    if args.hypernet is not None and not (args.images or args.mix):
+        raise ConfigError(f"--hypernet {str(args.hypernet)!r} needs --images (the subject's reference images it reads), or --mix of its LoRA files")
+    if (args.method is not None or inference_options(args)) and not (args.images or args.mix):
         raise ConfigError("--method, --iterations, --fast-finetune-steps and --base-lora-scale need --images (the subject's reference images)")
     args.pers_interval = parse_interval(args.pers_interval)
     if args.scheduler not in SCHEDULERS:
@@ -127,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.lora:
         loaded = load_lora(args.lora, backbone.components)
         weights, subject = loaded.components, str(args.lora)
-    elif mix:
-        weights, subject = mix_loras(mix, backbone.components), " + ".join(f"{w:g}·{p}" for p, w in mix)
+    elif mix:  # with --hypernet (a HyperLoRA): in its coefficient space, else in ΔW
+        mixer = load_personalizer(args.hypernet, device=device, **inference_options(args)) if args.hypernet is not None else None
+        weights, subject = mix_loras(mix, backbone.components, mixer), " + ".join(f"{w:g}·{p}" for p, w in mix)
 
     if weights is not None:
         weights = {c: w.to(device=device, dtype=DTYPES[args.dtype]) for c, w in as_components(weights).items()}

@@ -153,6 +153,11 @@ class Personalizer(nn.Module):
             self.check_backbone(backbone)
         return self(references.to(self.device))
 
+    def subject_metadata(self, index: int = 0) -> dict[str, str]:
+        """LoRA-file header entries for subject ``index`` of the last ``personalize`` call (e.g. HyperLoRA's
+        coefficients, which let ``--mix`` interpolate in its own space); default none."""
+        return {}
+
     def check_training_data(self, data_config, dataset) -> None:
         """Called by ``hyperbooth train`` before the first step with the run's data config and dataset: a method
         whose loss needs something of its data (e.g. pre-optimized targets for its identities) refuses a mismatch

@@ -49,6 +49,8 @@ from hyperbooth.methods.base import Personalizer, TrainBatch, register
 from hyperbooth.prompts import RARE_TOKEN
 
 STAGES = (1, 2, 3)
+#: the LoRA-file header entry holding a HyperLoRA subject's coefficients
+COEFF_KEY = "hyperbooth.hyperlora.coefficients"
 
 #: The HyperLoRA checkpoint trained on the world and shipped inside the package (when one is shipped).
 SHIPPED_HYPERLORA = Path(__file__).resolve().parent.parent / "assets" / "world" / "hyperlora"
@@ -322,14 +324,58 @@ class HyperLoRA(Personalizer):
         return both.map(lambda l: LoRALayer(l.A, l.B * 2.0, l.rank / 2))  # ... as alpha = rank / 2, the released files' (same ΔW)
 
     def forward(self, references: torch.Tensor, boxes: torch.Tensor | None = None) -> LoRAWeights:
-        return self.weights(self.coefficients(references, boxes))
+        coeffs = self.coefficients(references, boxes)
+        self._last_coefficients = {k: v.detach().float().cpu() for k, v in coeffs.items()}  # for subject_metadata
+        return self.weights(coeffs)
+
+    # -- subjects in coefficient space ------------------------------------------------------------------------
+
+    def subject_metadata(self, index: int = 0) -> dict[str, str]:
+        """The subject's coefficients for its LoRA file's header (base64 float32), so that LoRA files of this
+        HyperLoRA can be mixed in its coefficient space (:meth:`mix`)."""
+        import base64
+        import json
+
+        last = getattr(self, "_last_coefficients", None)
+        if last is None:
+            return {}
+        return {COEFF_KEY: json.dumps({k: {"shape": list(v[index].shape), "data": base64.b64encode(v[index].numpy().tobytes()).decode()}
+                                       for k, v in last.items()}),
+                "hyperbooth.hyperlora.base_lora_scale": f"{self.config.base_lora_scale:g}"}
+
+    def coefficients_from_metadata(self, metadata: dict[str, str], source: str = "LoRA file") -> dict[str, torch.Tensor] | None:
+        """A subject's coefficients from a LoRA file's header (``(1, 2L, K)`` each), None if it has none; ones that do
+        not fit this HyperLoRA are named."""
+        import base64
+        import json
+
+        import numpy as np
+
+        if COEFF_KEY not in metadata:
+            return None
+        try:
+            stored = json.loads(metadata[COEFF_KEY])
+            out = {k: torch.from_numpy(np.frombuffer(base64.b64decode(v["data"]), dtype=np.float32).copy()).reshape(v["shape"])[None]
+                   for k, v in stored.items()}
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):
+            raise ConfigError(f"{source}: its HyperLoRA coefficients cannot be read") from None
+        want = (2 * len(self.names), self.config.num_basis)
+        if set(out) != ({"id", "base"} if self.config.base_lora else {"id"}) or any(tuple(v.shape[1:]) != want for v in out.values()):
+            raise ConfigError(f"{source}: its HyperLoRA coefficients do not fit this HyperLoRA (another basis or targets)")
+        return out
+
+    def mix(self, coefficient_sets: list[dict[str, torch.Tensor]], weights: list[float]) -> LoRAWeights:
+        """``Σ_i w_i c_i`` of several subjects' coefficients → one LoRA (interpolation: weights summing to 1)."""
+        mixed = {k: sum(w * c[k] for c, w in zip(coefficient_sets, weights)) for k in coefficient_sets[0]}
+        with torch.no_grad():
+            return self.weights({k: v.to(self.id_basis.down[0].device) for k, v in mixed.items()})
 
     @torch.no_grad()
     def interpolate(self, refs_a: torch.Tensor, refs_b: torch.Tensor, t: float) -> LoRAWeights:
         """The LoRA at ``t`` between two subjects (``(k, 3, H, W)`` each), mixing their coefficients:
         ``(1 − t) c_A + t c_B`` (in the LoRA space the bases span, not in ΔW)."""
         a, b = self.coefficients(refs_a[None]), self.coefficients(refs_b[None])
-        return self.weights({key: torch.lerp(a[key], b[key], float(t)) for key in a})
+        return self.mix([a, b], [1.0 - float(t), float(t)])
 
     # -- training -------------------------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "hyperbooth.cli.train",
     "hyperbooth.cli.world",
     "hyperbooth.cli.eval",
+    "hyperbooth.cli.ui",
 )
 
 log = logging.getLogger("hyperbooth")

@@ -157,3 +157,16 @@ def test_a_decompression_bomb_is_refused_from_its_header(width, height, message,
     path.write_bytes(bytes(png))
     with pytest.raises(ImageLoadError, match=message):
         load_image(path)
+
+
+def test_a_flipped_bit_in_a_written_lora_is_named(tmp_path):
+    """safetensors does not checksum its data; hyperbooth's files carry a SHA-256 of their tensors, checked on read."""
+    weights = LoRAWeights.random({"blocks.0.to_q": (8, 8), "blocks.1.to_k": (6, 8)}, rank=2, num_subjects=1)
+    path = tmp_path / "s.safetensors"
+    save_lora(path, weights, "kohya", models={"unet": MODEL})
+    assert load_lora(path, {"unet": MODEL}).format == "kohya"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x04  # a bit of the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(LoRAFileError, match="s.safetensors: the tensors do not match the checksum"):
+        load_lora(path, {"unet": MODEL})

@@ -83,6 +83,22 @@ def _conv_names(model: nn.Module | None) -> set[str]:
     return {name for name, m in model.named_modules() if isinstance(base_module(m), nn.Conv2d)}
 
 
+CHECKSUM_KEY = "hyperbooth.sha256"
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes in name order: written into hyperbooth's LoRA files
+    and checked when one is read, so a flipped bit in the data (which safetensors itself does not notice) is caught."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -172,6 +188,7 @@ def save_lora(
         })
     for key, value in (extra_metadata or {}).items():
         metadata[str(key)] = str(value)
+    metadata[CHECKSUM_KEY] = tensors_digest(tensors)
     _atomic_save(tensors, path, metadata)
     return path
 
@@ -330,6 +347,8 @@ def load_lora(
     tensors, metadata = _read_safetensors(path)
     if not tensors:
         raise LoRAFileError(f"{path}: the file holds no tensors")
+    if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != tensors_digest(tensors):
+        raise LoRAFileError(f"{path}: the tensors do not match the checksum hyperbooth wrote with them; the file is corrupted")
     fmt = _detect_format(path, tensors.keys())
     layers = _parse_diffusers(path, tensors, metadata) if fmt == "diffusers" else _parse_kohya(path, tensors, metadata, models)
     conv_modules = {comp: {n for n, (_, conv) in comp_layers.items() if conv} for comp, comp_layers in layers.items()}

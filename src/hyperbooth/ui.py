@@ -268,6 +268,15 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
             raise gr.Error(str(e)) from None
         return gallery
 
+    def _renders(identity):
+        if identity in (None, "", "none"):
+            return []
+        try:
+            refs = studio.references(None, int(identity), k=3)
+        except HyperboothError as e:
+            raise gr.Error(str(e)) from None
+        return [(im.resize((128, 128), Image.NEAREST), f"identity {identity}") for im in _images_to_pil(refs)]
+
     choices = ["none"] + [str(i) for i in identities]
     with gr.Blocks(title="hyperbooth") as app:
         gr.Markdown("# hyperbooth\nReference photos → a LoRA in one pass of a hypernetwork → images. " + studio.limits.describe())
@@ -276,6 +285,7 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
                 with gr.Column():
                     files = gr.File(label="reference images", file_count="multiple", file_types=["image"], elem_id="refs")
                     identity = gr.Dropdown(choices, value="none", label="or a held-out world identity", visible=studio.is_world, elem_id="identity")
+                    renders = gr.Gallery(label="its reference renders", columns=3, height=140, visible=studio.is_world, elem_id="renders")
                     method = gr.Dropdown(labels, value=labels[0], label="method", elem_id="method")
                     class_name = gr.Textbox(label="class (fine-tuning methods)", value="", elem_id="class")
                     prompts = gr.Textbox(label="prompts, one per line", value="a sks toy in the snow", lines=3, elem_id="prompts")
@@ -298,6 +308,7 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
                     status = gr.Markdown(elem_id="status")
                     lora_file = gr.File(label="the subject's LoRA", elem_id="lora")
                     image_files = gr.File(label="the images", file_count="multiple", elem_id="images")
+            identity.change(_renders, identity, renders)
             run.click(_run, [files, identity, method, prompts, guidance, scale, w_base, w_pers, steps, seed, num_images, lora_scale, base_scale,
                              class_name, layout], [gallery, lora_file, image_files, status])
         with gr.Tab("Interpolate"):

@@ -77,3 +77,12 @@ def test_world_identities_show_their_rank_and_interpolation_runs(studio):
     torch.testing.assert_close(start["unet"][name].delta(), wa[name].delta())
     with pytest.raises(UIError, match="α=1.5"):
         studio.interpolate(refs_a, refs_b, label, 1.5)
+
+
+def test_the_page_builds_with_world_identities(studio):
+    from hyperbooth.ui import build_app
+    from hyperbooth.world.splits import identity_seeds
+
+    app = build_app(studio, list(identity_seeds("test", 3)))
+    names = {getattr(block, "elem_id", None) for block in app.blocks.values()}
+    assert {"refs", "identity", "renders", "method", "prompts", "generate", "gallery", "lora", "images"} <= names

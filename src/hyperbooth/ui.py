@@ -131,6 +131,24 @@ class Studio:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 30):
                 raise UIError(f"{name}={value!r} must be a number in [0, 30]")
 
+    def add_folder(self, folder: str) -> str:
+        """Serve one more personalizer folder (any registered method, built for this backbone); returns its label."""
+        from hyperbooth.personalize import load_personalizer
+
+        folder = (folder or "").strip()
+        if not folder:
+            raise UIError("give a hypernetwork folder to load")
+        try:
+            personalizer = load_personalizer(folder)
+            personalizer.check_backbone(self.backbone, source=folder)
+        except HyperboothError as e:
+            raise UIError(str(e)) from None
+        label = f"{personalizer.method} ({Path(folder).name})"
+        while label in self.personalizers:
+            label += "'"
+        self.personalizers[label] = (personalizer.eval(), Path(folder))
+        return label
+
     def personalizer(self, label: str) -> tuple[Personalizer, Path | None]:
         if label not in self.personalizers:
             raise UIError(f"unknown method {label!r}; choose one of {', '.join(self.personalizers)}")
@@ -268,6 +286,13 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
             raise gr.Error(str(e)) from None
         return gallery
 
+    def _load(folder):
+        try:
+            label = studio.add_folder(folder)
+        except HyperboothError as e:
+            raise gr.Error(str(e)) from None
+        return gr.update(choices=list(studio.personalizers), value=label)
+
     def _renders(identity):
         if identity in (None, "", "none"):
             return []
@@ -287,6 +312,9 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
                     identity = gr.Dropdown(choices, value="none", label="or a held-out world identity", visible=studio.is_world, elem_id="identity")
                     renders = gr.Gallery(label="its reference renders", columns=3, height=140, visible=studio.is_world, elem_id="renders")
                     method = gr.Dropdown(labels, value=labels[0], label="method", elem_id="method")
+                    with gr.Row():
+                        folder = gr.Textbox(label="load another hypernetwork folder (on this machine)", elem_id="folder", scale=3)
+                        load = gr.Button("Load", elem_id="load", scale=1)
                     class_name = gr.Textbox(label="class (fine-tuning methods)", value="", elem_id="class")
                     prompts = gr.Textbox(label="prompts, one per line", value="a sks toy in the snow", lines=3, elem_id="prompts")
                     guidance = gr.Radio(["HM-CFG", "CFG"], value="HM-CFG", label="guidance", elem_id="guidance")
@@ -309,6 +337,7 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
                     lora_file = gr.File(label="the subject's LoRA", elem_id="lora")
                     image_files = gr.File(label="the images", file_count="multiple", elem_id="images")
             identity.change(_renders, identity, renders)
+            load.click(_load, folder, method)
             run.click(_run, [files, identity, method, prompts, guidance, scale, w_base, w_pers, steps, seed, num_images, lora_scale, base_scale,
                              class_name, layout], [gallery, lora_file, image_files, status])
         with gr.Tab("Interpolate"):

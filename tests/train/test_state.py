@@ -128,3 +128,13 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_resumed(tiny_world_mod
         state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="no usable checkpoint.*state.pt differs"):
         train(load_train_config(None, [*args, f"out_dir={part}"]), resume=True)
+
+
+def test_a_checkpoint_being_written_when_killed_is_never_resumed(tmp_path):
+    """A kill during a checkpoint write leaves its temporary folder: --resume takes the last complete one."""
+    from hyperbooth.train.state import resume_checkpoint
+
+    write_checkpoint(tmp_path, 2, lambda folder: (folder / "state.pt").write_bytes(b"complete"))
+    (tmp_path / "checkpoints" / ".step-0000004.tmp").mkdir()  # what the kill left: never renamed, never pointed at
+    (tmp_path / "checkpoints" / ".step-0000004.tmp" / "state.pt").write_bytes(b"half")
+    assert resume_checkpoint(tmp_path, True).name == "step-0000002"

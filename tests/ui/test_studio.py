@@ -86,3 +86,12 @@ def test_the_page_builds_with_world_identities(studio):
     app = build_app(studio, list(identity_seeds("test", 3)))
     names = {getattr(block, "elem_id", None) for block in app.blocks.values()}
     assert {"refs", "identity", "renders", "method", "prompts", "generate", "gallery", "lora", "images"} <= names
+
+
+def test_loading_another_folder_on_the_page(studio, world_hypernet, tmp_path):
+    with pytest.raises(UIError, match="is not a hypernetwork folder"):
+        studio.add_folder(str(tmp_path))
+    with pytest.raises(UIError, match="does not exist"):
+        studio.add_folder(str(tmp_path / "missing"))
+    label = studio.add_folder(str(world_hypernet))
+    assert label in studio.personalizers and label.startswith("e2e (")

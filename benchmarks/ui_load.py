@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from hyperbooth.cli.ui import load_studio
-    from hyperbooth.ui import build_app
+    from hyperbooth.ui import build_app, launch_options
     from hyperbooth.world.splits import identity_seeds
 
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = build_app(studio, identities)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(studio))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     results = run_load(f"http://127.0.0.1:{port}/", args.clients, args.steps, next(iter(studio.personalizers)), identities)

@@ -20,21 +20,23 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 #: The most pixels a reference image may have (a 6000 x 6000 photo is 36 M); larger ones are refused from their header,
 #: before anything is decoded (a "decompression bomb" claims billions in a few bytes).
 MAX_PIXELS = 40_000_000
+#: The image formats read (Pillow's names); others (EPS, which runs Ghostscript, PSD, ...) are refused unopened.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
 
-def load_image(path: str | os.PathLike, size: int | None = None, min_size: int = 8) -> torch.Tensor:
+def load_image(path: str | os.PathLike, size: int | None = None, min_size: int = 8, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """One image as ``(3, H, W)`` float in [-1, 1]: EXIF-rotated, alpha composited on white, RGB.
 
     ``size``: centre-crop to a square and resize to ``size`` x ``size`` (antialiased). ``min_size``: the smallest
-    side accepted.
+    side accepted; ``max_pixels``: the most pixels accepted (checked from the header, before decoding).
     """
     path = Path(path)
     if not path.is_file():
         raise ImageLoadError(f"{path}: no such image file")
     try:
-        with Image.open(path) as im:
-            if im.size[0] * im.size[1] > MAX_PIXELS:
-                raise ImageLoadError(f"{path}: image is {im.size[0]}x{im.size[1]}, more than the {MAX_PIXELS:,} pixels accepted")
+        with Image.open(path, formats=FORMATS) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                raise ImageLoadError(f"{path}: image is {im.size[0]}x{im.size[1]}, more than the {max_pixels:,} pixels accepted")
             im.load()  # decode now: a truncated file fails here, not later
             im = ImageOps.exif_transpose(im)
             if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):

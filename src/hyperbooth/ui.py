@@ -14,10 +14,13 @@ Two layers, so that the page holds no logic of its own:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,14 @@ from hyperbooth.lora.io import FORMATS, save_lora
 from hyperbooth.lora.weights import LoRAWeights, combine
 from hyperbooth.methods import Personalizer
 from hyperbooth.personalize import lora_provenance
+
+
+log = logging.getLogger(__name__)
+
+
+def launch_options(studio: Studio) -> dict:
+    """What ``app.launch`` needs besides host and port: the out folder servable, uploads capped at the page's limit."""
+    return {"allowed_paths": [str(studio.out_dir)], "max_file_size": f"{studio.limits.max_file_mb:g}mb", "show_error": False}
 
 
 class UIError(HyperboothError):
@@ -77,6 +88,10 @@ class Studio:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._oracles = oracles
         self.is_world = backbone.name == "world"
+        #: one request at a time touches the backbone and the personalizers (hooks, options), whatever the event
+        self.lock = threading.RLock()
+        #: folders under these roots may be loaded from the page (none by default: the box is not shown)
+        self.load_roots: list[Path] = []
 
     # -- inputs ---------------------------------------------------------------------------------------------------
 
@@ -94,7 +109,7 @@ class Studio:
                 if f.stat().st_size > self.limits.max_file_mb * 1e6:
                     raise UIError(f"{f.name} is {f.stat().st_size / 1e6:.1f} MB; at most {self.limits.max_file_mb:g} MB")
                 try:
-                    images.append(load_image(f, size=self.backbone.resolution))
+                    images.append(load_image(f, size=self.backbone.resolution, max_pixels=self.limits.max_pixels))
                 except HyperboothError as e:
                     raise UIError(str(e).replace(str(f), f.name)) from None
             return torch.stack(images)
@@ -132,21 +147,32 @@ class Studio:
                 raise UIError(f"{name}={value!r} must be a number in [0, 30]")
 
     def add_folder(self, folder: str) -> str:
-        """Serve one more personalizer folder (any registered method, built for this backbone); returns its label."""
+        """Serve one more personalizer folder (any registered method, built for this backbone), if it lies under one
+        of ``load_roots`` (``hyperbooth ui --allow-load ROOT``); returns its label. A folder already served returns
+        its label again."""
         from hyperbooth.personalize import load_personalizer
 
-        folder = (folder or "").strip()
-        if not folder:
+        text = (folder or "").strip()
+        if not text:
             raise UIError("give a hypernetwork folder to load")
-        try:
-            personalizer = load_personalizer(folder)
-            personalizer.check_backbone(self.backbone, source=folder)
-        except HyperboothError as e:
-            raise UIError(str(e)) from None
-        label = f"{personalizer.method} ({Path(folder).name})"
-        while label in self.personalizers:
-            label += "'"
-        self.personalizers[label] = (personalizer.eval(), Path(folder))
+        path = Path(text).expanduser().resolve()
+        if not any(path == root or root in path.parents for root in self.load_roots):
+            raise UIError("loading folders from the page is off, or this folder is outside the ones allowed (hyperbooth ui --allow-load ROOT)")
+        for label, (_, served) in self.personalizers.items():
+            if served is not None and Path(served).resolve() == path:
+                return label
+        with self.lock:
+            try:
+                personalizer = load_personalizer(path)
+                personalizer.check_backbone(self.backbone, source=path)
+            except HyperboothError as e:
+                raise UIError(str(e)) from None
+            except Exception as e:  # a config that parses but does not describe a model
+                raise UIError(f"{path} does not load ({type(e).__name__}: {e})") from None
+            label = f"{personalizer.method} ({path.name})"
+            while label in self.personalizers:
+                label += "'"
+            self.personalizers[label] = (personalizer.eval(), path)
         return label
 
     def personalizer(self, label: str) -> tuple[Personalizer, Path | None]:
@@ -159,18 +185,24 @@ class Studio:
     def personalize(self, refs: torch.Tensor, label: str, class_name: str = "", base_lora_scale: float | None = None) -> tuple[LoRAWeights, float]:
         """The subject's LoRA (N = 1 per component) and the milliseconds it took."""
         personalizer, _ = self.personalizer(label)
+        options = {}
         if base_lora_scale is not None and "base_lora_scale" in getattr(type(personalizer.config), "INFERENCE_OPTIONS", ()):
-            if not (math.isfinite(base_lora_scale) and base_lora_scale >= 0):
-                raise UIError(f"Base-LoRA scale={base_lora_scale!r} must be >= 0")
-            personalizer.with_options(base_lora_scale=float(base_lora_scale))
+            if not (isinstance(base_lora_scale, (int, float)) and math.isfinite(base_lora_scale) and 0 <= base_lora_scale <= 4):
+                raise UIError(f"Base-LoRA scale={base_lora_scale!r} must be a number in [0, 4]")
+            options["base_lora_scale"] = float(base_lora_scale)
         if personalizer.needs_class_names and not (class_name or "").strip():
             raise UIError(f"{label} fine-tunes on the references: give the subject's class (e.g. 'dog')")
-        t0 = time.perf_counter()
-        try:
-            weights = personalizer.personalize(refs[None].to(personalizer.device), self.backbone,
-                                               class_names=[class_name.strip()] if personalizer.needs_class_names else None)
-        except HyperboothError as e:
-            raise UIError(str(e)) from None
+        with self.lock:  # this request's options, restored after: another visitor's request never sees them
+            before = {k: getattr(personalizer.config, k) for k in options}
+            personalizer.with_options(**options)
+            t0 = time.perf_counter()
+            try:
+                weights = personalizer.personalize(refs[None].to(personalizer.device), self.backbone,
+                                                   class_names=[class_name.strip()] if personalizer.needs_class_names else None)
+            except HyperboothError as e:
+                raise UIError(str(e)) from None
+            finally:
+                personalizer.with_options(**before)
         return weights, (time.perf_counter() - t0) * 1e3
 
     def generate(self, weights, prompts: Sequence[str], guidance: str = "hm-cfg", guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
@@ -179,10 +211,21 @@ class Studio:
                  identity: int | None = None) -> list[tuple[Image.Image, str]]:
         """Images with captions (prompt, seed, settings, and on the world for a picked identity its retrieval rank among
         8); ``progress(fraction, text)`` after every denoising step."""
+        for name, value in (("steps", steps), ("images per prompt", num_images), ("seed", seed)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise UIError(f"{name}={value!r} must be a number")
+        if seed > 2**62:
+            raise UIError(f"seed={seed!r}: at most 2^62")
         self._check_numbers(steps, num_images, seed, guidance, guidance_scale, w_base, w_pers, lora_scale)
         steps, num_images, seed = int(steps), int(num_images), int(seed)
         parts = {c: w.to(device=self.backbone.device, dtype=self.backbone.dtype) for c, w in as_components(weights).items()}
         total = steps * num_images
+        out = []
+        with self.lock:
+            out = self._generate(parts, prompts, guidance, guidance_scale, w_base, w_pers, steps, seed, num_images, lora_scale, progress, identity, total)
+        return out
+
+    def _generate(self, parts, prompts, guidance, guidance_scale, w_base, w_pers, steps, seed, num_images, lora_scale, progress, identity, total):
         out = []
         for j in range(num_images):
             def step(i, t, x, j=j):
@@ -214,11 +257,12 @@ class Studio:
     def interpolate(self, refs_a: torch.Tensor, refs_b: torch.Tensor, label: str, alpha: float, class_name: str = ""):
         """The LoRA at ``alpha`` between two subjects: in the method's coefficient space where it has one
         (HyperLoRA), else ``(1 − α) ΔW_a + α ΔW_b``."""
-        if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
             raise UIError(f"interpolation α={alpha!r} must be in [0, 1]")
         personalizer, _ = self.personalizer(label)
         if hasattr(personalizer, "interpolate") and callable(personalizer.interpolate) and not personalizer.needs_class_names:
-            return personalizer.interpolate(refs_a.to(personalizer.device), refs_b.to(personalizer.device), float(alpha))
+            with self.lock:
+                return personalizer.interpolate(refs_a.to(personalizer.device), refs_b.to(personalizer.device), float(alpha))
         a, _ = self.personalize(refs_a, label, class_name)
         b, _ = self.personalize(refs_b, label, class_name)
         a, b = as_components(a), as_components(b)
@@ -229,14 +273,14 @@ class Studio:
         if layout not in FORMATS:
             raise UIError(f"layout {layout!r} must be one of {', '.join(FORMATS)}")
         personalizer, folder = self.personalizer(label)
-        path = self.out_dir / f"subject-{int(time.time() * 1e3)}-{layout}.safetensors"
+        path = self.out_dir / f"subject-{uuid.uuid4().hex[:12]}-{layout}.safetensors"
         parts = {c: w.select(0) for c, w in as_components(weights).items()}
         save_lora(path, parts, layout, models=self.backbone.components, **lora_provenance(personalizer, self.backbone, folder))
         return path
 
     def save_images(self, gallery: Sequence[tuple[Image.Image, str]]) -> list[Path]:
         paths = []
-        stamp = int(time.time() * 1e3)
+        stamp = uuid.uuid4().hex[:12]
         for i, (image, _) in enumerate(gallery):
             path = self.out_dir / f"image-{stamp}-{i:02d}.png"
             image.save(path)
@@ -252,13 +296,13 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
         raise UIError("the web page needs gradio: pip install 'hyperbooth[ui]'") from None
 
     labels = list(studio.personalizers)
-    state: dict[str, object] = {}
 
     def _run(files, identity, method, prompts, guidance, scale, w_base, w_pers, steps, seed, num_images, lora_scale, base_scale,
              class_name, layout, progress=gr.Progress()):
         try:
-            seed_id = int(identity) if identity not in (None, "", "none") else None
-            refs = studio.references([f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])], seed_id)
+            uploads = [f if isinstance(f, str) else getattr(f, "name", f) for f in (files or [])]
+            seed_id = int(identity) if identity not in (None, "", "none") and not uploads else None  # photos win over a picked identity
+            refs = studio.references(uploads, seed_id)
             lines = studio.prompts(prompts)
             weights, ms = studio.personalize(refs, method, class_name, base_scale)
             progress(0.0, desc="generating")
@@ -266,10 +310,11 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
                                       lora_scale, progress=lambda f, text: progress(f, desc=text), identity=seed_id)
             lora = studio.export(weights, method, layout)
             images = studio.save_images(gallery)
-        except UIError as e:
-            raise gr.Error(str(e)) from None
         except HyperboothError as e:
             raise gr.Error(str(e)) from None
+        except Exception as e:  # never a bare "Error": the page names what went wrong (and the log has the rest)
+            log.exception("the page's request failed")
+            raise gr.Error(f"internal error ({type(e).__name__}: {e})") from None
         status = f"{method}: personalized in {ms:.0f} ms; {len(gallery)} image(s)."
         return gallery, str(lora), [str(p) for p in images], status
 
@@ -279,11 +324,16 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
             idb = int(identity_b) if identity_b not in (None, "", "none") else None
             a = studio.references([getattr(f, "name", f) for f in (files_a or [])], ida)
             b = studio.references([getattr(f, "name", f) for f in (files_b or [])], idb)
+            if alpha is None:
+                raise UIError("set the interpolation slider")
             weights = studio.interpolate(a, b, method, float(alpha))
             gallery = studio.generate(weights, studio.prompts(prompt)[:1], "hm-cfg", steps=steps, seed=seed,
                                       progress=lambda f, text: progress(f, desc=text))
         except HyperboothError as e:
             raise gr.Error(str(e)) from None
+        except Exception as e:
+            log.exception("the page's request failed")
+            raise gr.Error(f"internal error ({type(e).__name__}: {e})") from None
         return gallery
 
     def _load(folder):
@@ -297,13 +347,13 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
         if identity in (None, "", "none"):
             return []
         try:
-            refs = studio.references(None, int(identity), k=3)
+            refs = studio.references(None, int(identity))  # the render the page personalizes from
         except HyperboothError as e:
             raise gr.Error(str(e)) from None
         return [(im.resize((128, 128), Image.NEAREST), f"identity {identity}") for im in _images_to_pil(refs)]
 
     choices = ["none"] + [str(i) for i in identities]
-    with gr.Blocks(title="hyperbooth") as app:
+    with gr.Blocks(title="hyperbooth", delete_cache=(3600, 3600)) as app:  # uploads and copies older than an hour go
         gr.Markdown("# hyperbooth\nReference photos → a LoRA in one pass of a hypernetwork → images. " + studio.limits.describe())
         with gr.Tab("Personalize"):
             with gr.Row():
@@ -312,8 +362,9 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
                     identity = gr.Dropdown(choices, value="none", label="or a held-out world identity", visible=studio.is_world, elem_id="identity")
                     renders = gr.Gallery(label="its reference renders", columns=3, height=140, visible=studio.is_world, elem_id="renders")
                     method = gr.Dropdown(labels, value=labels[0], label="method", elem_id="method")
-                    with gr.Row():
-                        folder = gr.Textbox(label="load another hypernetwork folder (on this machine)", elem_id="folder", scale=3)
+                    with gr.Row(visible=bool(studio.load_roots)):
+                        folder = gr.Textbox(label="load another hypernetwork folder (under: " + ", ".join(map(str, studio.load_roots)) + ")",
+                                            elem_id="folder", scale=3)
                         load = gr.Button("Load", elem_id="load", scale=1)
                     class_name = gr.Textbox(label="class (fine-tuning methods)", value="", elem_id="class")
                     prompts = gr.Textbox(label="prompts, one per line", value="a sks toy in the snow", lines=3, elem_id="prompts")
@@ -337,9 +388,10 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
                     lora_file = gr.File(label="the subject's LoRA", elem_id="lora")
                     image_files = gr.File(label="the images", file_count="multiple", elem_id="images")
             identity.change(_renders, identity, renders)
-            load.click(_load, folder, method)
+            if studio.load_roots:  # not even an API endpoint otherwise
+                load.click(_load, folder, method, concurrency_id="model")
             run.click(_run, [files, identity, method, prompts, guidance, scale, w_base, w_pers, steps, seed, num_images, lora_scale, base_scale,
-                             class_name, layout], [gallery, lora_file, image_files, status])
+                             class_name, layout], [gallery, lora_file, image_files, status], concurrency_id="model")
         with gr.Tab("Interpolate"):
             with gr.Row():
                 files_a = gr.File(label="subject A", file_count="multiple", file_types=["image"])
@@ -354,6 +406,5 @@ def build_app(studio: Studio, identities: Sequence[int] = ()):
             seed_i = gr.Number(0, label="seed", precision=0)
             go = gr.Button("Interpolate")
             out = gr.Gallery(label="interpolated", columns=1)
-            go.click(_interpolate, [files_a, files_b, identity_a, identity_b, method_i, prompt_i, alpha, steps_i, seed_i], out)
-        state["app"] = app
+            go.click(_interpolate, [files_a, files_b, identity_a, identity_b, method_i, prompt_i, alpha, steps_i, seed_i], out, concurrency_id="model")
     return app.queue(default_concurrency_limit=1, max_size=256)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hyperbooth.cli.ui import load_studio
-from hyperbooth.ui import build_app
+from hyperbooth.ui import build_app, launch_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from ui_load import run_load  # noqa: E402
@@ -24,7 +24,7 @@ def test_twenty_clients_at_once_are_all_answered(tiny_world_model, world_hyperne
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = build_app(studio, identities)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(studio))
     try:
         results = run_load(f"http://127.0.0.1:{port}/", 20, 2, next(iter(studio.personalizers)), identities)
     finally:

@@ -89,9 +89,17 @@ def test_the_page_builds_with_world_identities(studio):
 
 
 def test_loading_another_folder_on_the_page(studio, world_hypernet, tmp_path):
-    with pytest.raises(UIError, match="is not a hypernetwork folder"):
-        studio.add_folder(str(tmp_path))
-    with pytest.raises(UIError, match="does not exist"):
-        studio.add_folder(str(tmp_path / "missing"))
-    label = studio.add_folder(str(world_hypernet))
-    assert label in studio.personalizers and label.startswith("e2e (")
+    with pytest.raises(UIError, match="loading folders from the page is off"):  # the default: no roots allowed
+        studio.add_folder(str(world_hypernet))
+    studio.load_roots = [tmp_path.resolve(), world_hypernet.parent.resolve()]
+    try:
+        with pytest.raises(UIError, match="is not a hypernetwork folder"):
+            studio.add_folder(str(tmp_path))
+        with pytest.raises(UIError, match="does not exist"):
+            studio.add_folder(str(tmp_path / "missing"))
+        with pytest.raises(UIError, match="outside the ones allowed"):
+            studio.add_folder("/")
+        label = studio.add_folder(str(world_hypernet))
+        assert label.startswith("e2e (") and studio.add_folder(str(world_hypernet) + "/") == label  # served once
+    finally:
+        studio.load_roots = []

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
                         help="personalizer folder of any registered method; repeat for several (default: every shipped one)")
     parser.add_argument("--identities", type=int, default=16, help="held-out world identities offered on the page (world only)")
     parser.add_argument("--out", type=Path, default=None, help="where the page writes LoRA files and images (default: a temporary folder)")
+    parser.add_argument("--allow-load", type=Path, action="append", default=None, metavar="ROOT",
+                        help="let visitors load hypernetwork folders under ROOT from the page (off by default; repeatable)")
     parser.set_defaults(func=run)
 
 
@@ -50,12 +52,16 @@ def run(args: argparse.Namespace) -> int:
             s.bind((args.host, args.port))
         except OSError as e:
             raise ConfigError(f"cannot serve on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
-    from hyperbooth.ui import build_app
+    from hyperbooth.ui import build_app, launch_options
     from hyperbooth.world.splits import identity_seeds
 
     studio = load_studio(args.model, args.hypernet, args.out)
+    studio.load_roots = [Path(root).expanduser().resolve() for root in (args.allow_load or [])]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: anyone who reaches it can use this machine's CPU/GPU (no login)"
+              + ("; --allow-load lets them load folders under " + ", ".join(map(str, studio.load_roots)) if studio.load_roots else ""))
     identities = list(identity_seeds("test", args.identities)) if studio.is_world else []
     app = build_app(studio, identities)
     print(f"serving on http://{args.host}:{args.port} — {', '.join(studio.personalizers)}")
-    app.launch(server_name=args.host, server_port=args.port, show_error=False, share=False)
+    app.launch(server_name=args.host, server_port=args.port, share=False, **launch_options(studio))
     return 0

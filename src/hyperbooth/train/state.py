@@ -110,8 +110,14 @@ def resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
     if not pointer.is_file():
         log.warning("--resume: no checkpoint under %s; starting from step 0", out_dir)
         return None
-    named = root / pointer.read_text().strip()
-    candidates = [named] + sorted((p for p in root.glob("step-*") if p.is_dir() and p != named), reverse=True)
+    import re
+
+    name = pointer.read_text().strip()
+    named = [root / name] if re.fullmatch(r"step-\d+", name) else []  # a garbled pointer: the folders themselves decide
+    candidates = named + sorted((p for p in root.glob("step-*") if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and p not in named), reverse=True)
+    if not candidates:
+        log.warning("--resume: %s names no checkpoint folder (%r); starting from step 0", pointer, name)
+        return None
     damaged = []
     for folder in candidates:
         problem = checkpoint_problem(folder)
@@ -160,7 +166,13 @@ def trim_log(path: Path, step: int) -> bool:
         return False
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step and len(r) == len(rows[0])]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+    from hyperbooth.files import atomic_write
+
+    atomic_write(path, write)  # a kill during the trim leaves the old log, never half of it
     return bool(kept)

@@ -11,7 +11,6 @@ import argparse
 import os
 import platform
 import resource
-import socket
 import statistics
 import sys
 import threading
@@ -62,20 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from hyperbooth.cli.ui import load_studio
-    from hyperbooth.ui import build_app, launch_options
+    from hyperbooth.ui import build_app, serve_locally
     from hyperbooth.world.splits import identity_seeds
 
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads")
     studio = load_studio(args.model, args.hypernet)
     identities = list(identity_seeds("test", 8))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = build_app(studio, identities)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(studio))
+    url = serve_locally(app, studio)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    results = run_load(f"http://127.0.0.1:{port}/", args.clients, args.steps, next(iter(studio.personalizers)), identities)
+    results = run_load(url, args.clients, args.steps, next(iter(studio.personalizers)), identities)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     app.close()

@@ -110,6 +110,14 @@ def load_world_encoder(folder: str | os.PathLike | None = None) -> WorldImageEnc
     return encoder.eval().requires_grad_(False)
 
 
+def encode_images(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``encoder(images)`` — without autograd for a frozen encoder (``trainable`` False), which nothing trains."""
+    if getattr(encoder, "trainable", True):
+        return encoder(images)
+    with torch.no_grad():
+        return encoder(images)
+
+
 def build_encoder(name: str, dim: int = 128) -> nn.Module:
     """``"world"`` → a :class:`WorldImageEncoder` trained with the hypernetwork; ``"world-pretrained"`` → the
     shipped pre-trained one, frozen; anything else is a transformers model folder or hub id (frozen)."""

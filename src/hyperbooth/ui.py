@@ -48,6 +48,17 @@ def launch_options(studio: Studio) -> dict:
     return {"allowed_paths": [str(studio.out_dir)], "max_file_size": f"{studio.limits.max_file_mb:g}mb", "show_error": False}
 
 
+def serve_locally(app, studio: Studio) -> str:
+    """Launch ``app`` on a free loopback port without blocking (tests, benchmarks); returns its URL."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(studio))
+    return f"http://127.0.0.1:{port}/"
+
+
 class UIError(HyperboothError):
     """A problem with what a visitor asked for, said on the page in one sentence."""
 

@@ -4,7 +4,6 @@ appears, the LoRA is downloaded and diffusers loads it; a text file named .png s
 good request still works."""
 
 import shutil
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -13,17 +12,11 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from hyperbooth.cli.ui import load_studio
-from hyperbooth.ui import build_app, launch_options
+from hyperbooth.ui import build_app, serve_locally
 
 DREAMBENCH = (Path(__file__).resolve().parents[2] / ".." / "shared" / "dreambench" / "dataset").resolve()
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +27,15 @@ def page(sd_studio_parts, tmp_path_factory):
 
     pipe, hypernet = sd_studio_parts
     studio = load_studio(str(pipe), [hypernet], tmp_path_factory.mktemp("ui_out"))
-    port = _free_port()
     app = build_app(studio)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(studio))
+    url = serve_locally(app, studio)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1400,2400"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.get(f"http://127.0.0.1:{port}/")
-    yield driver, f"http://127.0.0.1:{port}", pipe
+    driver.get(url)
+    yield driver, url, pipe
     driver.quit()
     app.close()
 

@@ -1,14 +1,13 @@
 """The page under load (slow: `make test-slow`): 20 clients on loopback at once, each one generation at 2 steps —
 none lost, every one told its queue position while it waited (the page serves one at a time)."""
 
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from hyperbooth.cli.ui import load_studio
-from hyperbooth.ui import build_app, launch_options
+from hyperbooth.ui import build_app, serve_locally
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from ui_load import run_load  # noqa: E402
@@ -20,13 +19,10 @@ def test_twenty_clients_at_once_are_all_answered(tiny_world_model, world_hyperne
 
     studio = load_studio(tiny_world_model, [world_hypernet], tmp_path)
     identities = list(identity_seeds("test", 4))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = build_app(studio, identities)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(studio))
+    url = serve_locally(app, studio)
     try:
-        results = run_load(f"http://127.0.0.1:{port}/", 20, 2, next(iter(studio.personalizers)), identities)
+        results = run_load(url, 20, 2, next(iter(studio.personalizers)), identities)
     finally:
         app.close()
     assert all(r["ok"] for r in results), [r.get("error") for r in results if not r["ok"]]

@@ -22,6 +22,7 @@ weights (frozen pre-trained encoders are not stored: they load from their own fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import weakref
@@ -108,9 +109,15 @@ class Personalizer(nn.Module):
         return tuple(getattr(config, "targets", ())) or None
 
     @classmethod
+    def shapes_for(cls, config, backbone: Backbone) -> dict[str, tuple[int, int]]:
+        """Target name → ``(d_in, d_out)`` of what a personalizer of ``config`` emits for ``backbone`` (default: the
+        UNet targets the config names; a method with text-encoder targets adds them)."""
+        return backbone.target_shapes(cls.targets_of(config))
+
+    @classmethod
     def for_backbone(cls, config, backbone: Backbone) -> Personalizer:
         """A new (untrained) instance that emits LoRAs for ``backbone``'s target modules."""
-        return cls(config, backbone.target_shapes(cls.targets_of(config)))
+        return cls(config, cls.shapes_for(config, backbone))
 
     def check_backbone(self, backbone: Backbone, source: str | os.PathLike | None = None) -> None:
         """A clear error when this personalizer was built for another backbone (target names or shapes differ).
@@ -120,7 +127,7 @@ class Personalizer(nn.Module):
             return
         where = f" {source}" if source else ""
         try:
-            wanted = backbone.target_shapes(self.targets_of(self.config))
+            wanted = self.shapes_for(self.config, backbone)
         except ConfigError as e:
             raise CheckpointError(f"the {self.method} personalizer{where} was built for another backbone than {backbone.path} ({e})") from None
         if wanted != self.target_shapes:
@@ -132,10 +139,19 @@ class Personalizer(nn.Module):
     # -- use -------------------------------------------------------------------------------------------------
 
     def with_options(self, **options) -> Personalizer:
-        """Change settings that may differ from training (e.g. HyperDreamBooth's refinement steps or fast fine-tune
-        steps) in place; a method without such settings refuses every one, naming it."""
-        if options:
+        """Change settings that may differ from training (the config class's ``INFERENCE_OPTIONS``, e.g.
+        HyperDreamBooth's refinement steps) in place, validated; any other setting is refused, naming it."""
+        if not options:
+            return self
+        allowed = getattr(self.config_class, "INFERENCE_OPTIONS", ())
+        if not allowed:
             raise ConfigError(f"method {self.method!r} has no inference option {sorted(options)[0]!r}")
+        unknown = [k for k in options if k not in allowed]
+        if unknown:
+            raise ConfigError(f"{unknown[0]!r} is not an inference option of {self.method} (options: {', '.join(allowed)})")
+        config = dataclasses.replace(self.config, **options)
+        config.validate()
+        self.config = config
         return self
 
     @abstractmethod
@@ -176,8 +192,12 @@ class Personalizer(nn.Module):
     # -- files -----------------------------------------------------------------------------------------------
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
-        """The tensors ``save_pretrained`` writes (default: the whole state dict)."""
-        return self.state_dict()
+        """The tensors ``save_pretrained`` writes: the state dict, less a frozen pre-trained ``encoder`` (it loads from
+        its own folder)."""
+        encoder = getattr(self, "encoder", None)
+        if encoder is None or getattr(encoder, "trainable", True):
+            return self.state_dict()
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
 
     def save_pretrained(self, folder: str | os.PathLike, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
         """``hypernet_config.json`` (method, config, target shapes, ``extra``) + ``hypernet.safetensors``. ``dtype``

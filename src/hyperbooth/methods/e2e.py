@@ -26,7 +26,7 @@ from torch import nn
 
 from hyperbooth.backbones.base import Backbone
 from hyperbooth.diffusion import diffusion_loss
-from hyperbooth.encoders import build_encoder
+from hyperbooth.encoders import build_encoder, encode_images
 from hyperbooth.errors import ConfigError
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine
 from hyperbooth.methods.base import Personalizer, TrainBatch, register
@@ -94,12 +94,7 @@ class E2EHyperNetwork(Personalizer):
     def encode(self, references: torch.Tensor) -> torch.Tensor:
         """``(N, k, 3, H, W)`` → memory tokens ``(N, k, T, d_model)``."""
         n, k = references.shape[:2]
-        if self.encoder.trainable:
-            tokens = self.encoder(references.flatten(0, 1))
-        else:
-            with torch.no_grad():
-                tokens = self.encoder(references.flatten(0, 1))
-        return self.token_proj(tokens).unflatten(0, (n, k))
+        return self.token_proj(encode_images(self.encoder, references.flatten(0, 1))).unflatten(0, (n, k))
 
     def decode(self, memory: torch.Tensor) -> LoRAWeights:
         """memory ``(N, T, d_model)`` → LoRAWeights for N subjects."""
@@ -142,9 +137,3 @@ class E2EHyperNetwork(Personalizer):
         diff = diffusion_loss(pred, batch.target, batch.loss_weights)
         reg = weights.frobenius_sq().mean()
         return diff + self.config.output_reg * reg, {"diffusion_loss": diff, "reg": reg}
-
-    # -- files ------------------------------------------------------------------------------------------------
-
-    def state_to_save(self) -> dict[str, torch.Tensor]:
-        """A frozen pre-trained encoder loads from its own folder: it is not stored with the hypernetwork."""
-        return {k: v for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}

@@ -29,12 +29,10 @@ nothing new.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import time
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,7 @@ from torch import nn
 
 from hyperbooth.backbones.base import Backbone
 from hyperbooth.diffusion import diffusion_loss
-from hyperbooth.encoders import build_encoder
+from hyperbooth.encoders import build_encoder, encode_images
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.lora.weights import LoRAWeights, combine, stack
 from hyperbooth.methods.base import Personalizer, TrainBatch, register
@@ -326,16 +324,6 @@ class HyperDreamBooth(Personalizer):
 
     # -- options ------------------------------------------------------------------------------------------------
 
-    def with_options(self, **options) -> HyperDreamBooth:
-        """Change inference settings (``iterations``, ``fast_finetune_*``) in place; anything else is refused."""
-        unknown = [k for k in options if k not in HyperDreamBoothConfig.INFERENCE_OPTIONS]
-        if unknown:
-            raise ConfigError(f"{unknown[0]!r} is not an inference option of {self.method} (options: {', '.join(HyperDreamBoothConfig.INFERENCE_OPTIONS)})")
-        config = dataclasses.replace(self.config, **options)
-        config.validate()
-        self.config = config
-        return self
-
     # instance properties over the base class's flags (read them from an instance: on the class they are properties)
     @property
     def needs_class_names(self) -> bool:  # the fast fine-tune's prompt is "a sks <class>"
@@ -350,12 +338,7 @@ class HyperDreamBooth(Personalizer):
     def encode(self, references: torch.Tensor) -> torch.Tensor:
         """``(N, k, 3, H, W)`` → image tokens ``(N, T, d_model)``, averaged over the k references."""
         n, k = references.shape[:2]
-        if self.encoder.trainable:
-            tokens = self.encoder(references.flatten(0, 1))
-        else:
-            with torch.no_grad():
-                tokens = self.encoder(references.flatten(0, 1))
-        return self.token_proj(tokens).unflatten(0, (n, k)).mean(dim=1)
+        return self.token_proj(encode_images(self.encoder, references.flatten(0, 1))).unflatten(0, (n, k)).mean(dim=1)
 
     def estimates(self, references: torch.Tensor, iterations: int | None = None) -> list[dict[str, torch.Tensor]]:
         """The LiDB estimate after each refinement step: K dicts group → ``(N, L_g, v_g)``."""
@@ -453,27 +436,16 @@ class HyperDreamBooth(Personalizer):
                 self.theta0[g].copy_(value.mean(dim=0))
 
     @classmethod
+    def shapes_for(cls, config, backbone: Backbone) -> dict[str, tuple[int, int]]:
+        """The UNet's targets and, with ``text_targets``, the text encoder's (names prefixed ``text_encoder:``)."""
+        return all_target_shapes(backbone, config.targets, config.text_targets)
+
+    @classmethod
     def for_backbone(cls, config, backbone: Backbone) -> HyperDreamBooth:
-        model = cls(config, all_target_shapes(backbone, config.targets, config.text_targets))
+        model = super().for_backbone(config, backbone)
         if config.targets_path:
             model.start_from_targets()
         return model
-
-    def check_backbone(self, backbone: Backbone, source=None) -> None:
-        """As every personalizer's check, over the text encoder's targets too."""
-        checked = getattr(self, "_checked", None)  # as the base class: the last denoiser that passed (weakly held)
-        if checked is not None and checked() is backbone.unet:
-            return
-        where = f" {source}" if source else ""
-        try:
-            wanted = all_target_shapes(backbone, self.config.targets, self.config.text_targets)
-        except ConfigError as e:
-            raise CheckpointError(f"the {self.method} personalizer{where} was built for another backbone than {backbone.path} ({e})") from None
-        if wanted != self.target_shapes:
-            diff = sorted(set(wanted.items()) ^ set(self.target_shapes.items()))[0]
-            raise CheckpointError(f"the {self.method} personalizer{where} was built for another backbone than {backbone.path} "
-                                  f"(first target that differs: {diff[0]!r})")
-        self._checked = weakref.ref(backbone.unet)
 
     def check_training_data(self, data_config, dataset) -> None:
         """With the weight loss on: the data's identities must be the pre-optimized ones — the world's bank
@@ -544,10 +516,6 @@ class HyperDreamBooth(Personalizer):
         return loss, scalars
 
     # -- files ------------------------------------------------------------------------------------------------
-
-    def state_to_save(self) -> dict[str, torch.Tensor]:
-        """A frozen pre-trained encoder loads from its own folder: it is not stored with the hypernetwork."""
-        return {k: v for k, v in self.state_dict().items() if self.encoder.trainable or not k.startswith("encoder.")}
 
     def load_weights(self, path: Path) -> None:
         super().load_weights(path)

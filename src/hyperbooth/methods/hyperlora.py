@@ -31,7 +31,6 @@ Exported LoRAs carry ``alpha = rank / 2``, the released models' kohya alpha.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperbooth.backbones.base import Backbone
-from hyperbooth.encoders import build_encoder
+from hyperbooth.encoders import build_encoder, encode_images
 from hyperbooth.errors import ConfigError
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine
 from hyperbooth.methods.base import Personalizer, TrainBatch, register
@@ -263,22 +262,7 @@ class HyperLoRA(Personalizer):
             if not name.startswith("encoder.") or self.encoder.trainable:
                 p.requires_grad_(name in trained)
 
-    def with_options(self, **options) -> HyperLoRA:
-        unknown = [k for k in options if k not in HyperLoRAConfig.INFERENCE_OPTIONS]
-        if unknown:
-            raise ConfigError(f"{unknown[0]!r} is not an inference option of {self.method} (options: {', '.join(HyperLoRAConfig.INFERENCE_OPTIONS)})")
-        config = dataclasses.replace(self.config, **options)
-        config.validate()
-        self.config = config
-        return self
-
     # -- forward --------------------------------------------------------------------------------------------------
-
-    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
-        if self.encoder.trainable:
-            return self.encoder(images)
-        with torch.no_grad():
-            return self.encoder(images)
 
     def coefficients(self, references: torch.Tensor, boxes: torch.Tensor | None = None, use_id: bool | None = None) -> dict[str, torch.Tensor]:
         """references ``(N, k, 3, H, W)`` → ``{"id": (N, 2L, K), "base": (N, 2L, K)}``, each the mean over the k
@@ -291,13 +275,13 @@ class HyperLoRA(Personalizer):
         n, k = references.shape[:2]
         flat = references.flatten(0, 1)
         crops, removed = subject_views(flat, None if boxes is None else boxes.flatten(0, 1), self.config.crop)
-        id_feats = self._tokens(crops)  # (n·k, T, D)
+        id_feats = encode_images(self.encoder, crops)  # (n·k, T, D)
         if use_id is None:
             use_id = self.config.stage == 3
         ids = self.id_projector(id_feats.mean(dim=1)).unflatten(-1, (self.config.id_tokens, self.config.d_model)) if use_id else None
         out = {"id": self.id_resampler(self.id_token_proj(id_feats), ids).unflatten(0, (n, k)).mean(dim=1)}
         if self.config.base_lora:
-            out["base"] = self.base_resampler(self.base_token_proj(self._tokens(removed))).unflatten(0, (n, k)).mean(dim=1)
+            out["base"] = self.base_resampler(self.base_token_proj(encode_images(self.encoder, removed))).unflatten(0, (n, k)).mean(dim=1)
         return out
 
     def _lora(self, coeff: torch.Tensor, basis: _Basis, rank: int) -> LoRAWeights:
@@ -441,7 +425,7 @@ class HyperLoRA(Personalizer):
     def state_to_save(self) -> dict[str, torch.Tensor]:
         if self.training:  # saved by a training run (checkpoints, the final folder): it has now trained this stage
             self.stage_reached.fill_(max(int(self.stage_reached), self.config.stage))
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+        return super().state_to_save()
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -1,20 +1,15 @@
 """``benchmarks/sampling.py``: its step variants compute the same guidance (checked inside ``bench_step``) and its
 ratios are medians of per-round ratios. Timings themselves are never asserted."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
+from tests.conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def sampling():
-    spec = importlib.util.spec_from_file_location("sampling_benchmark", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with benchmark_module("sampling") as module:
+        yield module
 
 
 def test_ratio_is_the_median_of_paired_rounds(sampling):

@@ -1,8 +1,16 @@
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-from hyperbooth.diffusion import diffusion_loss, forward_process, loss_weights, training_scheduler, training_target
+from hyperbooth.diffusion import (
+    diffusion_loss,
+    forward_process,
+    is_flow_matching,
+    loss_weights,
+    training_scheduler,
+    training_target,
+    training_timesteps,
+)
 from hyperbooth.errors import ConfigError
 from hyperbooth.guidance import cfg, hm_cfg
 
@@ -50,6 +58,41 @@ def test_min_snr_weights():
     eps_loss = (pred_eps - noise).pow(2).mean(1) * loss_weights(_schedule("epsilon"), t, 5.0)
     v_loss = (pred_v - training_target(v_sched, x0, noise, t)).pow(2).mean(1) * loss_weights(v_sched, t, 5.0)
     torch.testing.assert_close(eps_loss, v_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_flow_matching_forward_process_target_and_timesteps_follow_the_formulas():
+    """SD3's rectified flow: x_t = (1 − σ) x0 + σ ε, target v = ε − x0, t = σ·1000 on the shifted schedule."""
+    flow = training_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert isinstance(flow, FlowMatchEulerDiscreteScheduler) and is_flow_matching(flow) and not is_flow_matching(_schedule())
+    index = torch.tensor([0, 500, 999])
+    t = training_timesteps(flow, index)
+    u = (1000 - index.float()) / 1000  # the unshifted σ of index i (i = 0: σ = 1, pure noise)
+    torch.testing.assert_close(t, 1000 * 3 * u / (1 + 2 * u))  # SD3's shift: σ' = sσ / (1 + (s − 1)σ)
+    assert torch.equal(training_timesteps(_schedule(), index), index)  # DDPM: the draw itself, unchanged
+    x0, noise = torch.randn(3, 16, 4, 4), torch.randn(3, 16, 4, 4)
+    x_t, target = forward_process(flow, x0, noise, t)
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * noise)
+    torch.testing.assert_close(target, noise - x0)
+    torch.testing.assert_close(x_t[0], noise[0])  # σ = 1: pure noise
+
+
+def test_flow_matching_min_snr_weights_agree_with_the_eps_objective():
+    flow = training_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    t = torch.tensor([50.0, 400.0, 950.0])
+    sigma = t / 1000
+    snr = ((1 - sigma) / sigma) ** 2
+    torch.testing.assert_close(loss_weights(flow, t, 5.0), torch.clamp(snr, max=5.0) * sigma**2)
+    assert torch.equal(loss_weights(flow, t, 0.0), torch.ones(3))
+    # a velocity MSE × its weight equals the ε-MSE × Min-SNR's ε weight (min(SNR, γ) / SNR)
+    x0, noise = torch.randn(3, 8), torch.randn(3, 8)
+    s = sigma[:, None]
+    x_t = (1 - s) * x0 + s * noise
+    pred_v = training_target(flow, x0, noise, t) + 0.1 * torch.randn(3, 8)
+    pred_eps = x_t + (1 - s) * pred_v
+    v_loss = (pred_v - (noise - x0)).pow(2).mean(1) * loss_weights(flow, t, 5.0)
+    eps_loss = (pred_eps - noise).pow(2).mean(1) * torch.clamp(snr, max=5.0) / snr
+    torch.testing.assert_close(v_loss, eps_loss, rtol=1e-4, atol=1e-6)
 
 
 def test_diffusion_loss_weighting():

@@ -76,7 +76,7 @@ def generate(
     denoiser runs on its own device and dtype; the initial noise is drawn on the CPU from ``seed``, so one seed gives
     one image. ``callback(i, t, x_t)`` runs after every step; ``progress`` shows a bar.
     """
-    parts = as_components(weights)
+    parts = as_components(weights, backbone.denoiser)
     guidance = resolve_guidance(guidance, has_lora=bool(parts))
     for name, value in (("guidance_scale", guidance_scale), ("w_base", w_base), ("w_pers", w_pers), ("lora_scale", lora_scale)):
         check_finite(name, value)
@@ -93,9 +93,10 @@ def generate(
     for comp, w in parts.items():
         if w.num_subjects not in (1, n) or w.num_subjects != k:
             raise ConfigError(f"{n} prompts but the {comp} LoRA holds {w.num_subjects} subjects (give one subject or one per prompt, the same for every component)")
-    unet_lora, text_lora = parts.get("unet"), parts.get("text_encoder")
-    if text_lora is not None and lora_scale != 1.0:  # the UNet's is scaled by its injector
-        text_lora = text_lora.scaled(lora_scale)
+    unet_lora = parts.get(backbone.denoiser)
+    text_loras = {c: (w if lora_scale == 1.0 else w.scaled(lora_scale)) for c, w in parts.items() if c != backbone.denoiser}  # the UNet's is scaled by its injector
+    # one text encoder's LoRA as itself (every backbone's encode_prompts takes it), several by component (SDXL's two)
+    text_lora = text_loras.get("text_encoder") if set(text_loras) <= {"text_encoder"} else text_loras
     if not parts:
         branches, rows, mode = 2, None, None
     elif guidance == "cfg":

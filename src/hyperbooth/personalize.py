@@ -21,6 +21,7 @@ from torch import nn
 
 from hyperbooth.backbones.base import Backbone
 from hyperbooth.errors import ConfigError, LoRAFileError
+from hyperbooth.faces import NoFaceError
 from hyperbooth.images import image_files, load_image
 from hyperbooth.lora.io import load_lora
 from hyperbooth.lora.weights import LoRAWeights, combine
@@ -70,11 +71,17 @@ def personalize(images: Sequence[str | os.PathLike] | torch.Tensor, personalizer
     The personalizer is checked against the backbone first: one trained for another backbone (other target names
     or shapes) is refused with the first target that differs."""
     personalizer.check_backbone(backbone)
-    refs = images if isinstance(images, torch.Tensor) else load_references(images, backbone.resolution)
+    files = None if isinstance(images, torch.Tensor) else image_files(list(images))
+    refs = images if files is None else load_references(files, backbone.resolution)
     if personalizer.needs_class_names and not class_name:
         raise ConfigError(f"method {personalizer.method!r} needs the subject's class name (e.g. 'dog')")
     t0 = time.perf_counter()
-    weights = personalizer.personalize(refs[None].to(personalizer.device), backbone, class_names=[class_name] if class_name else None)
+    try:
+        weights = personalizer.personalize(refs[None].to(personalizer.device), backbone, class_names=[class_name] if class_name else None)
+    except NoFaceError as e:  # a reference without a face (HyperLoRA on faces): name its file
+        if files is None or e.index is None or not 0 <= e.index < len(files):
+            raise
+        raise NoFaceError(f"{files[e.index]}: {str(e).split(': ', 1)[-1]}", index=e.index) from None
     return weights, (time.perf_counter() - t0) * 1e3
 
 

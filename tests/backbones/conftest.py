@@ -64,3 +64,16 @@ def ref_pngs(tmp_path_factory) -> list[Path]:
         paths.append(root / f"ref{i}.png")
         im.save(paths[-1])
     return paths
+
+
+def pipeline_images(pipe, scheduler: str, steps: int, seed: int, guidance_scale: float, prompts) -> torch.Tensor:
+    """A diffusers pipeline's own ``__call__`` with hyperbooth's scheduler of that name; images mapped to [-1, 1]."""
+    from hyperbooth.sampling import make_scheduler
+
+    original = pipe.scheduler
+    pipe.scheduler = make_scheduler(scheduler, original)
+    try:
+        out = pipe(prompts, guidance_scale=guidance_scale, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+    finally:
+        pipe.scheduler = original
+    return out.images * 2 - 1

@@ -12,6 +12,7 @@ from hyperbooth.generate import generate
 from hyperbooth.guidance import hm_cfg
 from hyperbooth.lora import DEFAULT_TEXT_ENCODER_TARGETS, LoRAWeights, save_lora, target_shapes
 from hyperbooth.sampling import make_scheduler
+from tests.backbones.conftest import pipeline_images
 
 PROMPTS = ["a sks dog in the snow", "a red sks dog"]
 
@@ -26,14 +27,7 @@ def _text_lora(sd, n=1, seed=2, std=0.3):
 
 
 def _pipeline_images(pipe, scheduler, steps, seed, guidance_scale, prompts=PROMPTS):
-    """``StableDiffusionPipeline.__call__`` with hyperbooth's scheduler of that name; images mapped to [-1, 1]."""
-    original = pipe.scheduler
-    pipe.scheduler = make_scheduler(scheduler, original)
-    try:
-        out = pipe(prompts, guidance_scale=guidance_scale, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
-    finally:
-        pipe.scheduler = original
-    return out.images * 2 - 1
+    return pipeline_images(pipe, scheduler, steps, seed, guidance_scale, prompts)
 
 
 # -- the sampler against diffusers' pipeline -------------------------------------------------------------------------

@@ -122,7 +122,8 @@ def test_settings_are_drawn_in_the_configured_proportions():
     ({"stage": 4}, "stage=4 must be 1, 2 or 3"), ({"stage": 0}, "stage=0"),
     ({"p_reconstruct": 0.8}, "sum to 1"), ({"p_id_only": -0.05, "p_base_id": 0.15}, "sum to 1"),
     ({"stage": 1, "base_lora": False}, "needs hypernet.base_lora"), ({"base_lora_scale": -1.0}, "base_lora_scale"),
-    ({"encoder": "world"}, "frozen one"),
+    ({"encoder": "world"}, "frozen one"), ({"id_embedding": "arcface"}, "id_embedding='arcface'"),
+    ({"subject_box": "dlib"}, "subject_box='dlib'"), ({"face_margin": -0.1}, "face_margin"),
 ])
 def test_bad_configs_are_named(bad, message):
     with pytest.raises(ConfigError, match=message):
@@ -273,3 +274,72 @@ def test_mix_of_hyperlora_files_runs_in_coefficient_space(tiny_world_model, tmp_
     assert any(not torch.allclose(in_delta[n].delta(), mixed[n].delta(), atol=1e-6) for n in mixed)
     assert main(["generate", "--prompt", "a sks ball", "--mix", f"{files[0]}:0.5", f"{files[1]}:0.5", "--hypernet", str(folder),
                  "--model", str(tiny_world_model), "--steps", "1", "--out", str(tmp_path / "grid.png")]) == 0
+
+
+# -- faces (dlib): the ID embedding and the subject box of HyperLoRA on photos ------------------------------------
+
+FACE_CFG = dataclasses.replace(CFG, id_embedding="face", subject_box="face", face_margin=0.5, stage=3)
+
+
+def _fake_faces(monkeypatch, faces):
+    """dlib's answer per image, by the image's mean value (the tests' references are flat colours)."""
+    import numpy as np
+
+    from hyperbooth.faces import Face, FaceAnalyzer
+
+    def find(self, images):
+        answers = [faces[round(float(image.mean()), 1)] for image in images]
+        return [None if a is None else Face(a[0], np.asarray(a[1], dtype=np.float32)) for a in answers]
+
+    monkeypatch.setattr(FaceAnalyzer, "__init__", lambda self, upsample=1: None)  # no dlib models needed
+    monkeypatch.setattr(FaceAnalyzer, "find", find)
+
+
+def test_face_descriptor_feeds_the_id_projector_and_the_face_box_cuts_the_views(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    d1, d2 = torch.randn(128, generator=g), torch.randn(128, generator=g)
+    _fake_faces(monkeypatch, {0.2: ((0.25, 0.25, 0.75, 0.5), d1.tolist()), -0.2: ((0.25, 0.25, 0.75, 0.5), d2.tolist())})
+    net = _trained_like(HyperLoRA(FACE_CFG, SHAPES)).eval()
+    assert net.id_projector[0].in_features == 128  # dlib's descriptor, not the encoder's width
+    seen = []
+    monkeypatch.setattr(net.id_projector, "forward", lambda x: (seen.append(x.clone()), torch.nn.Sequential.forward(net.id_projector, x))[1])
+    a, b = torch.full((1, 1, 3, 32, 32), 0.2), torch.full((1, 1, 3, 32, 32), -0.2)
+    with torch.no_grad():
+        ca, cb = net.coefficients(a), net.coefficients(b)
+    torch.testing.assert_close(seen[0][0], d1)
+    torch.testing.assert_close(seen[1][0], d2)
+    assert not torch.allclose(ca["id"], cb["id"])  # the identity embedding moves the ID-LoRA
+    # the views follow the face box grown by face_margin on each side: (0.25, 0.25, 0.75, 0.5) -> (0, 0.125, 1, 0.625)
+    boxes, _ = net.face_views(a[0])
+    torch.testing.assert_close(boxes, torch.tensor([[0.0, 0.125, 1.0, 0.625]]))
+
+
+def test_a_reference_without_a_face_is_an_error_at_inference_and_a_fallback_in_training(monkeypatch):
+    _fake_faces(monkeypatch, {0.2: None})
+    net = _trained_like(HyperLoRA(FACE_CFG, SHAPES))
+    refs = torch.full((1, 1, 3, 32, 32), 0.2)
+    from hyperbooth.faces import NoFaceError
+
+    with pytest.raises(NoFaceError, match="reference image 0: dlib finds no face"):
+        net.eval().coefficients(refs)
+    net.train()
+    boxes, descriptors = net.face_views(refs[0])
+    assert boxes.tolist() == [[0.125, 0.125, 0.875, 0.875]] and descriptors.abs().sum() == 0  # centred box, zero descriptor
+    assert net.faces_missing == 1
+
+
+def test_cli_names_the_photo_in_which_dlib_finds_no_face(tiny_world_model, tmp_path, capsys):
+    """Real dlib on a picture without a face: the file is named, exit 2, no LoRA file written."""
+    pytest.importorskip("dlib")
+    from PIL import Image
+
+    from hyperbooth.cli import main
+
+    backbone = load_backbone(tiny_world_model)
+    folder = _trained_like(HyperLoRA.for_backbone(dataclasses.replace(CFG, subject_box="face"), backbone)).save_pretrained(tmp_path / "hl")
+    image = tmp_path / "no_face.png"
+    Image.new("RGB", (96, 96), (30, 160, 40)).save(image)
+    out = tmp_path / "s.safetensors"
+    code = main(["personalize", "--images", str(image), "--hypernet", str(folder), "--model", str(tiny_world_model), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{image}: dlib finds no face" in err and not out.exists()

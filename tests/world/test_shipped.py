@@ -96,6 +96,8 @@ def test_shipped_hypernetwork_personalizes_the_shipped_base_model(tmp_path):
 #: when the stage-2 base model and e2e checkpoint replaced the first ones, issue 15):
 #: x = generate(...) in [-1, 1] for PINNED_PROMPTS with the references of identity 4242 (3 views, seed 0), 6 steps of
 #: the default scheduler, seed 3; (sum of x in float64, [x[0,0,5,7], x[0,1,16,16], x[1,2,20,9], x[1,0,31,31]]).
+#: Measured on an AMD EPYC; an Intel Xeon's kernels give the same images to ~2e-7 (float sums in another order), so
+#: the pixels are compared to 1e-5, far below what the LoRA itself changes (the "cfg" pixels differ from "base" by 5e-3 to 0.17).
 PINNED_PROMPTS = ["a sks ball in the snow", "a sks ball on the beach"]
 PINNED = {
     "base": (3141.9108418687247, [0.5373849868774414, 0.01153835654258728, 0.18528832495212555, 0.9313163161277771]),
@@ -123,5 +125,5 @@ def test_shipped_models_give_the_pinned_pixels(two_threads):
         x = generate(backbone, PINNED_PROMPTS, lora, guidance=guidance, steps=6, seed=3)
         raw = [x[0, 0, 5, 7].item(), x[0, 1, 16, 16].item(), x[1, 2, 20, 9].item(), x[1, 0, 31, 31].item()]
         total, pinned = PINNED[name]
-        assert raw == pinned, (name, raw)
+        assert raw == pytest.approx(pinned, abs=1e-5), (name, raw)
         assert x.double().sum().item() == pytest.approx(total, rel=1e-6), name

@@ -20,13 +20,16 @@ import torch
 
 from hyperbooth.backbones.base import Backbone, ComponentLoRA, Conditioning, as_components
 from hyperbooth.backbones.sd import StableDiffusionBackbone
+from hyperbooth.backbones.sdxl import StableDiffusionXLBackbone
+from hyperbooth.backbones.sd3 import StableDiffusion3Backbone
 from hyperbooth.backbones.world import WorldBackbone
 from hyperbooth.errors import CheckpointError
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 #: Every backbone class; ``load_backbone`` maps a ``model_index.json`` ``_class_name`` to one of them.
-BACKBONES: tuple[type[Backbone], ...] = (WorldBackbone, StableDiffusionBackbone)
+BACKBONES: tuple[type[Backbone], ...] = (WorldBackbone, StableDiffusionBackbone, StableDiffusionXLBackbone)
+BACKBONES += (StableDiffusion3Backbone,)  # a DiT: SD3 / 3.5
 
 
 def backbone_class(pipeline_class: str, source: str = "model_index.json") -> type[Backbone]:
@@ -77,5 +80,5 @@ def load_backbone(folder_or_id: str | os.PathLike | None = None, device: str | t
     return cls.from_pretrained(folder_or_id, device=device, dtype=dtype)
 
 
-__all__ = ["BACKBONES", "Backbone", "ComponentLoRA", "Conditioning", "StableDiffusionBackbone", "WorldBackbone", "as_components",
+__all__ = ["BACKBONES", "Backbone", "ComponentLoRA", "Conditioning", "StableDiffusionBackbone", "StableDiffusionXLBackbone", "WorldBackbone", "as_components",
            "backbone_class", "load_backbone"]

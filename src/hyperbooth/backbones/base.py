@@ -12,6 +12,11 @@ is the model for the split between it and the methods):
 - ``components``: the modules a LoRA may target (``"unet"``, ``"text_encoder"``) and ``apply_lora`` to put one in
   them inside a context that restores the model.
 
+The denoiser is ``backbone.unet`` in every backbone, whatever its architecture (SD3's is a transformer). Its LoRA
+component is named after the pipeline's attribute, :attr:`Backbone.denoiser`: ``"unet"``, or ``"transformer"`` for a
+DiT (the prefix diffusers' ``load_lora_weights`` reads there). A bare ``LoRAWeights`` is the denoiser's, and so is a
+``"unet"`` key in a mapping, whatever the backbone: methods need not know the name (:func:`as_components`).
+
 ``hyperbooth.backbones.load_backbone(folder)`` reads a model folder's ``model_index.json`` and picks the class.
 """
 
@@ -36,11 +41,19 @@ from hyperbooth.lora.weights import LoRAWeights
 ComponentLoRA = LoRAWeights | Mapping[str, LoRAWeights]
 
 
-def as_components(weights: ComponentLoRA | None) -> dict[str, LoRAWeights]:
-    """``LoRAWeights`` → ``{"unet": weights}``; a mapping is copied; ``None`` → ``{}``."""
+def as_components(weights: ComponentLoRA | None, denoiser: str = "unet") -> dict[str, LoRAWeights]:
+    """``LoRAWeights`` → ``{denoiser: weights}``; a mapping is copied, its ``"unet"`` key (the denoiser, as methods
+    name it) renamed to ``denoiser``; ``None`` → ``{}``."""
     if weights is None:
         return {}
-    return {"unet": weights} if isinstance(weights, LoRAWeights) else dict(weights)
+    if isinstance(weights, LoRAWeights):
+        return {denoiser: weights}
+    parts = dict(weights)
+    if denoiser != "unet" and "unet" in parts:
+        if denoiser in parts:
+            raise ConfigError(f"the LoRA names the denoiser twice (as 'unet' and as {denoiser!r})")
+        parts[denoiser] = parts.pop("unet")
+    return parts
 
 
 @dataclass
@@ -102,6 +115,8 @@ class Backbone(ABC):
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
     #: component → the LoRA target patterns used when a method does not name its own
     default_targets: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: the denoiser's component name (the pipeline's attribute; LoRA files' key prefix): "unet", or "transformer"
+    denoiser: ClassVar[str] = "unet"
 
     unet: nn.Module
     scheduler: object
@@ -172,7 +187,7 @@ class Backbone(ABC):
     def target_shapes(self, targets: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
         """UNet module name → ``(d_in, d_out)`` of the LoRA targets (``targets``: patterns; None or empty: the
         backbone's :attr:`default_targets`)."""
-        patterns = tuple(targets or ()) or self.default_targets["unet"]
+        patterns = tuple(targets or ()) or self.default_targets[self.denoiser]
         return module_target_shapes(self.unet, patterns)
 
     @contextmanager
@@ -180,13 +195,13 @@ class Backbone(ABC):
         """Put ``weights`` (a UNet LoRA or LoRAs by component) into the denoiser inside the context; on exit the
         model is as before, bit for bit (see :class:`~hyperbooth.lora.inject.LoRAInjector`). A text-encoder LoRA
         acts through :meth:`encode_prompts`, not here."""
-        parts = as_components(weights)
+        parts = as_components(weights, self.denoiser)
         unknown = set(parts) - set(self.components)
         if unknown:
             raise ConfigError(f"the {self.name} backbone has no component {sorted(unknown)[0]!r} for the LoRA (it has {', '.join(self.components)})")
         with ExitStack() as stack:
-            if "unet" in parts:
-                stack.enter_context(LoRAInjector(self.unet).apply(parts["unet"], mode=mode, rows=rows, scale=scale))
+            if self.denoiser in parts:
+                stack.enter_context(LoRAInjector(self.unet).apply(parts[self.denoiser], mode=mode, rows=rows, scale=scale))
             yield
 
     def describe(self) -> str:

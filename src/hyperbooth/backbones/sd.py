@@ -34,6 +34,8 @@ class StableDiffusionBackbone(Backbone):
     name: ClassVar[str] = "sd15"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("StableDiffusionPipeline",)
     default_targets: ClassVar[dict[str, tuple[str, ...]]] = {"unet": DEFAULT_UNET_TARGETS, "text_encoder": DEFAULT_TEXT_ENCODER_TARGETS}
+    #: what errors call the folder
+    label: ClassVar[str] = "Stable Diffusion"
 
     def __init__(self, pipe, path: Path):
         self.pipe = pipe
@@ -46,14 +48,18 @@ class StableDiffusionBackbone(Backbone):
         self._warned: set[str] = set()  # prompts whose truncation was already reported
 
     @classmethod
-    def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionBackbone:
+    def _load_pipeline(cls, path, dtype: torch.dtype):
         # diffusers' pipelines import transformers' models (seconds): loaded when a pipeline is, not with the package
         from diffusers import StableDiffusionPipeline
 
+        return StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+
+    @classmethod
+    def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionBackbone:
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            pipe = cls._load_pipeline(path, dtype)
         except Exception as e:  # a damaged or foreign folder (transformers/safetensors raise many types): name it
-            raise CheckpointError(f"Stable Diffusion pipeline folder {str(path)!r} cannot be loaded ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{cls.label} pipeline folder {str(path)!r} cannot be loaded ({type(e).__name__}: {e})") from None
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe.to(device), path)
 
@@ -69,17 +75,22 @@ class StableDiffusionBackbone(Backbone):
         self.pipe.to(device=device, dtype=dtype)
         return self
 
-    def _text_states(self, prompts: list[str]) -> torch.Tensor:
-        """``(B, 77, d)``: the tokens of ``StableDiffusionPipeline.encode_prompt`` through the text encoder. No
-        ``no_grad`` here: the encoder is frozen, so only a text-encoder LoRA being trained builds a graph."""
-        max_length = self.tokenizer.model_max_length
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-        room = max_length - self.tokenizer.num_special_tokens_to_add()
-        for prompt, ids in zip(prompts, self.tokenizer(prompts, add_special_tokens=False).input_ids):
+    def _tokens(self, tokenizer, prompts: list[str]):
+        """The pipeline's tokens: padded to ``model_max_length`` (77) and truncated, naming what is dropped once."""
+        max_length = tokenizer.model_max_length
+        tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        room = max_length - tokenizer.num_special_tokens_to_add()
+        for prompt, ids in zip(prompts, tokenizer(prompts, add_special_tokens=False).input_ids):
             if len(ids) > room and prompt not in self._warned:  # as the pipeline does: name what CLIP will not see
                 self._warned.add(prompt)
                 log.warning("prompt %r is %d tokens, CLIP sees %d: this part is dropped: %r", prompt[:40], len(ids), room,
-                            self.tokenizer.decode(ids[room:])[:120])
+                            tokenizer.decode(ids[room:])[:120])
+        return tokens
+
+    def _text_states(self, prompts: list[str]) -> torch.Tensor:
+        """``(B, 77, d)``: the tokens of ``StableDiffusionPipeline.encode_prompt`` through the text encoder. No
+        ``no_grad`` here: the encoder is frozen, so only a text-encoder LoRA being trained builds a graph."""
+        tokens = self._tokens(self.tokenizer, prompts)
         device = self.text_encoder.device
         mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
         return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]

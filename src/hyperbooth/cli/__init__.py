@@ -23,6 +23,7 @@ from hyperbooth.errors import HyperboothError
 COMMAND_MODULES = (
     "hyperbooth.cli.demo",
     "hyperbooth.cli.personalize",
+    "hyperbooth.cli.import_hyperlora",
     "hyperbooth.cli.finetune",
     "hyperbooth.cli.generate",
     "hyperbooth.cli.lora",

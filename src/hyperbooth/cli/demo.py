@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--model", type=Path, default=None, help="base model folder (default: the shipped world model)")
-    parser.add_argument("--hypernet", type=Path, default=None, help="hypernetwork folder (default: the shipped e2e one)")
+    parser.add_argument("--hypernet", type=Path, default=None, help="hypernetwork folder of any registered method (default: the shipped one of --method)")
+    parser.add_argument("--method", default=None, help="a method with a shipped world checkpoint: e2e (default), hyperdreambooth, hyperlora")
     parser.add_argument("--oracles", type=Path, default=None, help="oracle folder (default: the shipped one)")
     parser.add_argument("--no-floor", action="store_true", help="skip the base-model floor row (saves about 15%% of the time)")
     parser.add_argument("--no-interop", action="store_true", help="skip the diffusers LoRA-file check at the end")
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ConfigError(f"--steps must be at least 1, got {args.steps}")
     base = load_backbone(args.model)  # each raises CheckpointError naming the file and the fix
-    hypernet = load_personalizer(args.hypernet)
+    hypernet = load_personalizer(args.hypernet, method=args.method)
     hypernet.check_backbone(base, source=args.hypernet)  # one built for another model is refused before anything is written
     oracles = Oracles.load(args.oracles)
     out.mkdir(parents=True, exist_ok=True)

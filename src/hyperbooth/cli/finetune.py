@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         "hyperbooth.finetune_seconds": f"{stats.seconds:.4f}",
         "hyperbooth.backbone": base.name,
     }
-    save_lora(out, weights, args.format, models={"unet": base.unet}, method=METHOD, base_model=str(base.path.name), extra_metadata=meta)
+    save_lora(out, weights, args.format, models={base.denoiser: base.unet}, method=METHOD, base_model=str(base.path.name), extra_metadata=meta)
     print(f"wrote {out} ({args.format} layout, {len(weights)} modules, rank {cfg.rank}); {cfg.steps} steps on "
           f"{len(files)} image(s) in {stats.seconds:.1f} s; prompt: {instance_prompt(args.class_name, cfg.token)!r}")
     return 0

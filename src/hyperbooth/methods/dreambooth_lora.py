@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hyperbooth.backbones.base import Backbone
-from hyperbooth.diffusion import diffusion_loss, forward_process, training_scheduler
+from hyperbooth.diffusion import diffusion_loss, forward_process, training_scheduler, training_timesteps
 from hyperbooth.errors import ConfigError
 from hyperbooth.generate import generate
 from hyperbooth.lora.io import load_lora, save_lora
@@ -263,7 +263,7 @@ def fit(base: Backbone, images: torch.Tensor, class_name: str, cfg: FinetuneConf
                 x0 = torch.cat([x0, priors[[next(prior_order) for _ in range(b)]]])  # (2b, 3, H, W)
             x0 = _flip(x0, cfg.flip_p, generator)
             noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=dtype)
-            t = torch.randint(0, base.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)
+            t = training_timesteps(scheduler, torch.randint(0, base.num_train_timesteps, (x0.shape[0],), generator=generator)).to(device)
             x_t, target = forward_process(scheduler, x0, noise, t)
             pred = predict(x_t, t, cond)
             loss = subject_loss = diffusion_loss(pred[:b], target[:b])
@@ -354,7 +354,7 @@ class DreamBoothLoRA(Personalizer):
             if self.cache is not None and init is None:
                 path = self.cache / f"dreambooth-{self._key(references[i], class_name, backbone)}.safetensors"
             if path is not None and path.is_file():
-                loaded = load_lora(path, backbone.unet)
+                loaded = load_lora(path, {backbone.denoiser: backbone.unet})
                 weights, spent = loaded.unet, float(loaded.metadata.get("hyperbooth.finetune_seconds", "nan"))
             else:
                 start = None if init is None else init.select(i)
@@ -362,7 +362,7 @@ class DreamBoothLoRA(Personalizer):
                     weights, stats = finetune(backbone, references[i], class_name, self.config, progress=self.progress, init=start)
                 spent = stats.seconds
                 if path is not None:
-                    save_lora(path, weights, models={"unet": backbone.unet}, method=METHOD, base_model=backbone.path.name,
+                    save_lora(path, weights, models={backbone.denoiser: backbone.unet}, method=METHOD, base_model=backbone.path.name,
                               extra_metadata={"hyperbooth.finetune_seconds": f"{spent:.4f}", "hyperbooth.finetune_steps": str(self.config.steps),
                                               "hyperbooth.backbone": backbone.name})
             subjects.append(weights)

@@ -7,8 +7,12 @@ perceiver resamplers emit coefficients over a learned basis of LoRAs, for an ID-
 - **Perceiver resampler** (:class:`Resampler`): learned latent queries, one per LoRA factor per target layer;
   blocks of self-attention over the latents, cross-attention to the ID tokens, cross-attention to the image-encoder
   tokens, feed-forward; a projection to ``K`` coefficients, L2-normalised.
-- **ID projector**: an identity embedding → ``id_tokens`` tokens (the world: the frozen pre-trained world encoder's
-  pooled embedding of the subject crop, never the oracle).
+- **ID projector**: an identity embedding → ``id_tokens`` tokens (``id_embedding``: the world's is the frozen
+  pre-trained world encoder's pooled embedding of the subject crop, never the oracle; on face photos, ``"face"``,
+  dlib's 128-d face descriptor, the stand-in for the released models' ArcFace / AntelopeV2 embedding). With
+  ``subject_box: face`` the ID crop and the removed region follow dlib's face box (:mod:`hyperbooth.faces`); a
+  reference in which dlib finds no face is refused at inference, named (in training it falls back to the centred
+  box).
 - **ID-LoRA and Base-LoRA**: two resamplers and two bases. The ID-LoRA reads the subject crop; the Base-LoRA (rank
   ``r/2``) reads the image with the subject removed (its box filled with the mean colour around it), so that what is not the subject (background, light)
   has somewhere to go in training. At inference the Base-LoRA is optional (``base_lora_scale``; the released models
@@ -31,6 +35,7 @@ Exported LoRAs carry ``alpha = rank / 2``, the released models' kohya alpha.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +48,19 @@ from torch import nn
 from hyperbooth.backbones.base import Backbone
 from hyperbooth.encoders import build_encoder, encode_images
 from hyperbooth.errors import ConfigError
+from hyperbooth.faces import DESCRIPTOR_DIM, FaceAnalyzer, NoFaceError
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine
 from hyperbooth.methods.base import Personalizer, TrainBatch, register
 from hyperbooth.prompts import RARE_TOKEN
 
 STAGES = (1, 2, 3)
+#: the ID projector's input: the frozen image encoder's pooled embedding of the subject crop (the world, any subject),
+#: or dlib's 128-d face descriptor (faces; the stand-in for the ArcFace / AntelopeV2 embedding of the released models)
+ID_EMBEDDINGS = ("encoder", "face")
+#: where the subject is: the centred square of side ``crop``, or the face dlib finds
+SUBJECT_BOXES = ("center", "face")
+log = logging.getLogger(__name__)
+
 #: the LoRA-file header entry holding a HyperLoRA subject's coefficients
 COEFF_KEY = "hyperbooth.hyperlora.coefficients"
 
@@ -73,6 +86,9 @@ class HyperLoRAConfig:
     p_id_only: float = 0.05  # no trigger words, ID-LoRA alone, held to the frozen base model
     p_base_id: float = 0.05  # no trigger words, Base + ID, held to the Base-LoRA model
     crop: float = 0.75  # the default subject box: the centred square of this side (fraction of the image)
+    id_embedding: str = "encoder"  # the ID projector's input: "encoder" (the frozen image encoder's pooled embedding of the subject crop) or "face" (dlib's 128-d face descriptor)
+    subject_box: str = "center"  # the ID crop and the removed region: "center" (the centred square of side crop) or "face" (dlib's face box)
+    face_margin: float = 0.3  # subject_box "face": the box grown by this fraction of its size on each side (hair, chin)
     token: str = RARE_TOKEN  # the trigger word the stage-2/3 settings drop
 
     #: the fields that may change after training (``with_options``, ``--base-lora-scale``)
@@ -98,6 +114,12 @@ class HyperLoRAConfig:
             raise ConfigError(f"hypernet.crop={self.crop!r} must be in (0, 1]")
         if self.d_model % self.heads:
             raise ConfigError(f"hypernet.d_model={self.d_model} must be divisible by hypernet.heads={self.heads}")
+        if self.id_embedding not in ID_EMBEDDINGS:
+            raise ConfigError(f"hypernet.id_embedding={self.id_embedding!r} must be one of {', '.join(map(repr, ID_EMBEDDINGS))}")
+        if self.subject_box not in SUBJECT_BOXES:
+            raise ConfigError(f"hypernet.subject_box={self.subject_box!r} must be one of {', '.join(map(repr, SUBJECT_BOXES))}")
+        if isinstance(self.face_margin, bool) or not isinstance(self.face_margin, (int, float)) or not 0 <= self.face_margin <= 2:
+            raise ConfigError(f"hypernet.face_margin={self.face_margin!r} must be a number in [0, 2]")
         if self.encoder == "world":
             raise ConfigError("hypernet.encoder='world' is a trainable encoder; HyperLoRA reads a frozen one shared by both heads "
                               "(world-pretrained, or a CLIP / DINO / ViT folder)")
@@ -220,7 +242,10 @@ class HyperLoRA(Personalizer):
         d, n_lat = cfg.d_model, 2 * len(self.names)  # an A and a B latent per layer
         self.encoder = build_encoder(cfg.encoder, cfg.encoder_dim)
         self.id_token_proj = nn.Linear(self.encoder.out_dim, d)
-        self.id_projector = nn.Sequential(nn.Linear(self.encoder.out_dim, d), nn.GELU(), nn.Linear(d, cfg.id_tokens * d))
+        id_dim = DESCRIPTOR_DIM if cfg.id_embedding == "face" else self.encoder.out_dim
+        self.id_projector = nn.Sequential(nn.Linear(id_dim, d), nn.GELU(), nn.Linear(d, cfg.id_tokens * d))
+        self._faces: FaceAnalyzer | None = None  # dlib, loaded on first use (id_embedding or subject_box "face")
+        self.faces_missing = 0  # training images in which dlib found no face (centred box, zero descriptor instead)
         self.id_resampler = Resampler(n_lat, d, cfg.depth, cfg.heads, cfg.num_basis, use_id=True)
         self.id_basis = _Basis(shapes, cfg.num_basis, cfg.rank)
         if cfg.base_lora:
@@ -274,15 +299,54 @@ class HyperLoRA(Personalizer):
             raise ConfigError(f"references must be (N, k, 3, H, W) images, got shape {tuple(references.shape)}")
         n, k = references.shape[:2]
         flat = references.flatten(0, 1)
-        crops, removed = subject_views(flat, None if boxes is None else boxes.flatten(0, 1), self.config.crop)
-        id_feats = encode_images(self.encoder, crops)  # (n·k, T, D)
         if use_id is None:
             use_id = self.config.stage == 3
-        ids = self.id_projector(id_feats.mean(dim=1)).unflatten(-1, (self.config.id_tokens, self.config.d_model)) if use_id else None
+        face_boxes = descriptors = None
+        if (boxes is None and self.config.subject_box == "face") or (use_id and self.config.id_embedding == "face"):
+            face_boxes, descriptors = self.face_views(flat)
+        boxes = face_boxes if boxes is None else boxes.flatten(0, 1)
+        crops, removed = subject_views(flat, boxes, self.config.crop)
+        id_feats = encode_images(self.encoder, crops)  # (n·k, T, D)
+        ids = None
+        if use_id:
+            embedding = descriptors.to(id_feats) if self.config.id_embedding == "face" else id_feats.mean(dim=1)
+            ids = self.id_projector(embedding).unflatten(-1, (self.config.id_tokens, self.config.d_model))
         out = {"id": self.id_resampler(self.id_token_proj(id_feats), ids).unflatten(0, (n, k)).mean(dim=1)}
         if self.config.base_lora:
             out["base"] = self.base_resampler(self.base_token_proj(encode_images(self.encoder, removed))).unflatten(0, (n, k)).mean(dim=1)
         return out
+
+    def face_views(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """dlib on ``images (B, 3, H, W)``: the face boxes (grown by ``face_margin``; None unless ``subject_box`` is
+        "face") and the 128-d descriptors. At inference an image without a face is an error (:class:`NoFaceError`,
+        its index); in training it falls back to the centred box and a zero descriptor, counted in
+        ``faces_missing`` (a face data set has a few photos dlib misses; they should not stop a run)."""
+        if self._faces is None:
+            self._faces = FaceAnalyzer()
+        found = self._faces.find(images)
+        missing = [i for i, face in enumerate(found) if face is None]
+        if missing and not self.training:
+            raise NoFaceError(f"reference image {missing[0]}: dlib finds no face in it; HyperLoRA with "
+                              f"{'id_embedding' if self.config.id_embedding == 'face' else 'subject_box'}='face' needs a "
+                              "frontal face at least about 80 pixels wide", index=missing[0])
+        if missing:
+            if self.faces_missing == 0 or (self.faces_missing + len(missing)) // 100 > self.faces_missing // 100:
+                log.warning("dlib found no face in %d training references so far (centred box, zero descriptor instead)", self.faces_missing + len(missing))
+            self.faces_missing += len(missing)
+        lo, hi = (1 - self.config.crop) / 2, (1 + self.config.crop) / 2
+        m = float(self.config.face_margin)
+        boxes, descriptors = [], []
+        for face in found:
+            if face is None:
+                boxes.append((lo, lo, hi, hi))
+                descriptors.append(torch.zeros(DESCRIPTOR_DIM))
+                continue
+            x0, y0, x1, y1 = face.box
+            dx, dy = m * (x1 - x0), m * (y1 - y0)
+            boxes.append((max(0.0, x0 - dx), max(0.0, y0 - dy), min(1.0, x1 + dx), min(1.0, y1 + dy)))
+            descriptors.append(torch.from_numpy(face.descriptor))
+        box_tensor = torch.tensor(boxes, dtype=torch.float32) if self.config.subject_box == "face" else None
+        return box_tensor, torch.stack(descriptors)
 
     def _lora(self, coeff: torch.Tensor, basis: _Basis, rank: int) -> LoRAWeights:
         alpha = rank / 2  # the released models' kohya alpha

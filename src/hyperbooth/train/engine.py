@@ -29,19 +29,20 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
 from hyperbooth import methods
 from hyperbooth.backbones import Backbone, load_backbone
 from hyperbooth.config import config_from_dict, load_config, save_config, to_dict
-from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, forward_process, loss_weights, training_scheduler
+from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, forward_process, loss_weights, training_scheduler, training_timesteps
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.methods.base import WEIGHTS_NAME, Personalizer, TrainBatch
 from hyperbooth.train.data import DataConfig, batches, build_dataset
 from hyperbooth.train.ema import build_ema, load_ema
 from hyperbooth.train.grad_checkpoint import enable_gradient_checkpointing
-from hyperbooth.train.optim import OptimConfig, build_optimizer
+from hyperbooth.train.optim import OptimConfig, build_optimizer, optimizer_class
 from hyperbooth.train.state import load_state, resume_checkpoint, save_state, training_state, trim_log, write_checkpoint
 
 #: ``save_dtype`` → the dtype of the final folder's weights (None: the parameters' own, fp32)
@@ -50,6 +51,8 @@ SAVE_DTYPES = {"fp32": None, "fp16": torch.float16}
 BACKBONE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16}
 #: recorded as ``base_model`` when the run used the shipped world model
 SHIPPED_WORLD_NAME = "hyperbooth:world/base"
+#: accelerate's sharded modes, refused by ``train``: see configs/accelerate/fsdp.yaml for what they would shard
+SHARDED_TYPES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +167,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 def make_batch(batch: dict, backbone: Backbone, scheduler, cfg: TrainConfig) -> TrainBatch:
     """A collated batch (:func:`hyperbooth.train.data.collate`) → the method's :class:`TrainBatch` on the backbone's
-    device: ``x0 = to_model(target)``, per-sample ε ~ N(0, I), t ~ U{0 … T−1}, prompts dropped to "" with
+    device: ``x0 = to_model(target)``, per-sample ε ~ N(0, I), t ~ U{0 … T−1} (σ·T on the schedule for flow
+    matching: :func:`~hyperbooth.diffusion.training_timesteps`), prompts dropped to "" with
     probability ``cond_dropout``, then the forward process and the Min-SNR weights."""
     device = backbone.device
     gens = [sample_generator(cfg.seed, int(i)) for i in batch["index"]]
     with torch.no_grad():
         x0 = backbone.to_model(batch["target"].to(device)).float()  # (N, C, h, w)
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
-    t = torch.stack([torch.randint(0, backbone.num_train_timesteps, (), generator=g) for g in gens]).to(device)
+    index = torch.stack([torch.randint(0, backbone.num_train_timesteps, (), generator=g) for g in gens])
+    t = training_timesteps(scheduler, index).to(device)  # the index itself, or σ·T for flow matching
     drop = [bool(torch.rand((), generator=g) < cfg.data.cond_dropout) for g in gens]
     prompts = ["" if dropped else p for p, dropped in zip(batch["prompt"], drop)]
     x_t, target = forward_process(scheduler, x0, noise, t)
@@ -209,7 +214,12 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
     training device."""
     method_cls = trainable_method(cfg.method)
     method_cfg = method_config(cfg, method_cls)
+    optimizer_class(cfg.optim)  # optim.optimizer="adamw8bit" without bitsandbytes fails here, before the backbone loads
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if accelerator.distributed_type in SHARDED_TYPES:
+        raise ConfigError(f"hyperbooth train runs data parallel (one process per GPU, DDP: configs/accelerate/ddp.yaml), not "
+                          f"{accelerator.distributed_type.value}: its checkpoints save the hypernetwork, optimizer and EMA from "
+                          f"the main process alone, which sharded state does not support (configs/accelerate/fsdp.yaml)")
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     if cfg.optim.batch_size % world:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
@@ -357,6 +367,7 @@ def _load_checkpoint(folder: Path, cfg: TrainConfig, model: Personalizer, optimi
     # settings added to hyperbooth after the checkpoint was written take their defaults (what the run then used)
     saved["data"] = {**to_dict(DataConfig()), **(saved.get("data") or {})}
     saved["hypernet"] = {**to_dict(type(model.config)()), **(saved.get("hypernet") or {})}
+    saved["optim"] = {**to_dict(type(cfg.optim)()), **(saved.get("optim") or {})}  # e.g. optim.optimizer: "adamw"
     changed = _differences(_trajectory(saved), _trajectory(to_dict(cfg)))
     if changed:
         raise CheckpointError(f"--resume: {folder} was trained with another config ({changed[0]}); resume with the same "

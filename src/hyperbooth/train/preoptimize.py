@@ -39,7 +39,7 @@ from hyperbooth.backbones import Backbone, load_backbone
 from hyperbooth.backbones.base import Conditioning
 from hyperbooth.config import save_config, to_dict
 from hyperbooth.devices import resolve_device, resolve_dtype
-from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, forward_process, loss_weights, training_scheduler
+from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, forward_process, loss_weights, training_scheduler, training_timesteps
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.files import atomic_write
 from hyperbooth.methods.hyperdreambooth import TARGETS_CONFIG, all_target_shapes, lidb_dims, lidb_init, split_components
@@ -188,7 +188,7 @@ def optimize_shard(backbone: Backbone, identities: list[int], cfg: PreoptConfig,
             pick = torch.tensor([j * cfg.pool + int(torch.randint(cfg.pool, (), generator=g)) for j, g in enumerate(gens)])
             x0 = x0_pool[pick.to(device)]
             noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
-            t = torch.stack([torch.randint(0, backbone.num_train_timesteps, (), generator=g) for g in gens]).to(device)
+            t = training_timesteps(scheduler, torch.stack([torch.randint(0, backbone.num_train_timesteps, (), generator=g) for g in gens])).to(device)
             x_t, target = forward_process(scheduler, x0, noise, t)
             weights = split_components(lidb_weights({n: (A[n], B[n]) for n in shapes}, bases, float(cfg.rank)))
             if isinstance(weights, dict):  # each row's prompt through its own text-encoder LoRA

@@ -114,3 +114,15 @@ def test_hm_cfg_limits():
     torch.testing.assert_close(hm_cfg(bu, bc, pc, w_base=0.0, w_pers=4.0), cfg(bu, pc, 4.0))
     # an affine combination: a constant shift of every prediction shifts the result by the same constant
     torch.testing.assert_close(hm_cfg(bu + 1, bc + 1, pc + 1, 2.0, 3.0), hm_cfg(bu, bc, pc, 2.0, 3.0) + 1)
+
+
+def test_min_snr_is_refused_on_a_flow_matching_schedule():
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from hyperbooth.diffusion import check_min_snr
+    from hyperbooth.errors import ConfigError
+
+    check_min_snr(DDPMScheduler(), 5.0)  # DDPM-type: fine
+    check_min_snr(FlowMatchEulerDiscreteScheduler(shift=3.0), 0.0)  # flow matching, unweighted: fine
+    with pytest.raises(ConfigError, match="min_snr_gamma=5: .*flow matching.*set min_snr_gamma=0"):
+        check_min_snr(FlowMatchEulerDiscreteScheduler(shift=3.0), 5.0)

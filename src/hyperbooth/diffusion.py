@@ -74,6 +74,15 @@ def training_scheduler(config) -> DDPMScheduler | FlowMatchEulerDiscreteSchedule
     return scheduler
 
 
+def check_min_snr(scheduler, gamma: float, key: str = "min_snr_gamma") -> None:
+    """Min-SNR-γ is a weighting for DDPM-type schedules; on a flow-matching one its ε-equivalent weight
+    ``min(SNR, γ) · σ²`` all but switches off the noisiest steps under SD3's shifted schedule (0.011 on average for
+    σ > 0.8), so a flow-matching run must ask for it explicitly off (the SD3 preset does) rather than get it by default."""
+    if gamma > 0 and isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ConfigError(f"{key}={gamma:g}: Min-SNR weighting is for DDPM-type schedules; this backbone trains by flow matching, "
+                          f"which hyperbooth trains unweighted: set {key}=0 (as configs/e2e_sd3.yaml does)")
+
+
 def training_timesteps(scheduler, index: torch.Tensor) -> torch.Tensor:
     """The denoiser's timesteps ``t (B,)`` for the trainers' uniform draws ``index (B,)`` in ``{0 … T−1}``: the index
     itself for a DDPM-type schedule; ``σ_i · T`` (float) for flow matching, ``σ_i`` the schedule's own training

@@ -226,7 +226,9 @@ def test_train_e2e_two_steps_with_the_flow_matching_batch(sd3, tiny_sd3, clip_en
     args = ["hypernet={d_model: 32, layers: 1, heads: 2, rank: 2}", f"hypernet.encoder={clip_encoder}", f"base_model={tiny_sd3}",
             "data.kind=dreambench", f"data.path={tmp_path / 'subjects'}", "data.class_name=toy", "data.k=1", "data.num_workers=0",
             "optim.batch_size=2", "optim.warmup_steps=1", "optim.max_steps=2", "log_every=1", "checkpoint_every=2", f"out_dir={tmp_path / 'run'}"]
-    folder = train(load_train_config(None, args))
+    with pytest.raises(ConfigError, match="min_snr_gamma=5: .*flow matching"):  # the default Min-SNR weighting is refused, named
+        train(load_train_config(None, args))
+    folder = train(load_train_config(None, [*args, "min_snr_gamma=0"]))
 
     assert len(seen) == 2
     schedule = FlowMatchEulerDiscreteScheduler(shift=3.0).timesteps  # the shifted σ·1000 a uniform index picks from

@@ -33,7 +33,8 @@ def test_method_trains_personalizes_samples_and_exports(method, pipeline, tiny_c
     name, folder, pipeline_cls = pipeline
     common = [f"method={method}", *HYPERNETS[method], f"hypernet.encoder={tiny_clip}", f"base_model={folder}", "data.kind=dreambench",
               f"data.path={subject_folder}", "data.mode=same", "data.num_workers=0", "optim.batch_size=2", "optim.warmup_steps=1",
-              "optim.max_steps=2", "log_every=1"]
+              "optim.max_steps=2", "log_every=1",
+              *(["min_snr_gamma=0"] if name == "sd3" else [])]  # flow matching trains unweighted
     stages = (1, 2, 3) if method == "hyperlora" else (None,)
     hypernet = None
     for stage in stages:
@@ -71,3 +72,39 @@ def test_method_trains_personalizes_samples_and_exports(method, pipeline, tiny_c
         plain = backbone.denoise(x, t, cond)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(plain, ours, atol=1e-6)  # the LoRA does something
+
+
+def test_hyperlora_drops_the_trigger_word_from_the_pooled_embeddings_too(pipeline, tiny_clip):
+    """HyperLoRA's untriggered settings (no trigger word, held to a teacher) re-encode their prompts: on SDXL and SD3
+    the pooled text embedding (``text_embeds`` / ``pooled_projections``) must be the untriggered prompt's as well."""
+    from hyperbooth.diffusion import forward_process, training_scheduler, training_timesteps
+    from hyperbooth.methods.base import TrainBatch
+    from hyperbooth.methods.hyperlora import HyperLoRA, HyperLoRAConfig
+
+    name, folder, _ = pipeline
+    backbone = load_backbone(folder)
+    cfg = HyperLoRAConfig(rank=4, num_basis=6, d_model=32, depth=1, heads=2, id_tokens=2, encoder=str(tiny_clip), stage=2,
+                          p_reconstruct=0.0, p_id_only=1.0, p_base_id=0.0)  # every row untriggered
+    net = HyperLoRA.for_backbone(cfg, backbone).eval()
+    net.stage_reached.fill_(1)
+    prompts = ["a sks toy", "a sks toy in the snow"]
+    scheduler = training_scheduler(backbone.scheduler.config)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, *backbone.sample_shape, generator=g), torch.randn(2, *backbone.sample_shape, generator=g)
+    t = training_timesteps(scheduler, torch.tensor([100, 600]))
+    x_t, target = forward_process(scheduler, x0, noise, t)
+    batch = TrainBatch(references=torch.rand(2, 1, 3, 16, 16, generator=g) * 2 - 1, x0=x0, noise=noise, t=t, x_t=x_t, target=target,
+                       cond=backbone.encode_prompts(prompts), loss_weights=torch.ones(2), prompts=prompts, class_names=[None, None])
+    seen = []
+    denoise = backbone.denoise
+    backbone.denoise = lambda x, tt, cond: (seen.append(cond), denoise(x, tt, cond))[1]
+    with torch.no_grad():
+        net.training_loss(batch, backbone)
+    plain = backbone.encode_prompts(["a toy", "a toy in the snow"])
+    triggered = batch.cond
+    assert seen and plain.added and set(plain.added) == set(triggered.added)
+    for cond in seen:  # the student's and the teacher's calls
+        for key in plain.added:
+            torch.testing.assert_close(cond.added[key], plain.added[key])
+        torch.testing.assert_close(cond.states, plain.states)
+    assert any(not torch.equal(plain.added[k], triggered.added[k]) for k in plain.added)  # the trigger word moves them

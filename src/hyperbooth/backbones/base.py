@@ -85,6 +85,19 @@ class Conditioning:
         """Move every tensor to ``device``; floating-point ones (not the mask) to ``dtype``."""
         return self._map(lambda x: x.to(device=device, dtype=dtype if x.is_floating_point() else None))
 
+    def replace_rows(self, index: torch.Tensor, other: Conditioning) -> Conditioning:
+        """A copy whose rows ``index`` are ``other``'s rows (in order): every field, the mask and the ``added``
+        inputs (SDXL's pooled embedding and time ids, SD3's pooled projections) alike."""
+        def put(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+            out = mine.clone()
+            out[index.to(mine.device)] = theirs.to(device=mine.device, dtype=mine.dtype)
+            return out
+
+        if (self.mask is None) != (other.mask is None) or set(self.added) != set(other.added):
+            raise ConfigError("cannot replace rows of a conditioning with one of other fields")
+        return Conditioning(put(self.states, other.states), None if self.mask is None else put(self.mask, other.mask),
+                            {k: put(v, other.added[k]) for k, v in self.added.items()})
+
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
         """Rows of ``parts`` one after the other (each must carry the same fields)."""

@@ -19,7 +19,8 @@ uses for "the denoiser"), and its LoRA component is ``"transformer"`` (:attr:`de
   ``attn2`` too), and the image stream's MLP (``ff.net.0.proj``, ``ff.net.2``). The text encoders take no LoRA.
 - **HM-CFG** runs as on SD: ``[B(∅); B(c); P(c)]`` in one transformer call, the base rows without the LoRA. SD3 is
   trained with a null-prompt branch (classifier-free guidance is its default), so v_B(∅) exists and HM-CFG means the
-  same as on SD 1.5.
+  same as on SD 1.5. Its timestep schedule (``pers_interval``) reads ``t/T``, which on SD3 is the shifted σ
+  (shift 3 puts half of a sampler's steps above σ ≈ 0.75): the same interval covers other steps than on SD 1.5.
 - **LoRA files**: diffusers layout ``transformer.<module>.lora_A/B.weight``; the kohya-style layout writes
   ``lora_transformer_<module with . → _>.lora_down/lora_up/alpha``, diffusers' module names, which ComfyUI reads for
   SD3 (kohya's own SD3 trainer names the original MMDiT's fused modules instead, which hyperbooth does not write).

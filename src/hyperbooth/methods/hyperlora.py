@@ -244,7 +244,9 @@ class HyperLoRA(Personalizer):
         self.id_token_proj = nn.Linear(self.encoder.out_dim, d)
         id_dim = DESCRIPTOR_DIM if cfg.id_embedding == "face" else self.encoder.out_dim
         self.id_projector = nn.Sequential(nn.Linear(id_dim, d), nn.GELU(), nn.Linear(d, cfg.id_tokens * d))
-        self._faces: FaceAnalyzer | None = None  # dlib, loaded on first use (id_embedding or subject_box "face")
+        # dlib (id_embedding or subject_box "face"), loaded with the model so a missing install is named at once; it
+        # runs on the CPU for every reference (its results cached per image)
+        self._faces: FaceAnalyzer | None = FaceAnalyzer() if "face" in (cfg.id_embedding, cfg.subject_box) else None
         self.faces_missing = 0  # training images in which dlib found no face (centred box, zero descriptor instead)
         self.id_resampler = Resampler(n_lat, d, cfg.depth, cfg.heads, cfg.num_basis, use_id=True)
         self.id_basis = _Basis(shapes, cfg.num_basis, cfg.rank)
@@ -447,13 +449,7 @@ class HyperLoRA(Personalizer):
         if (setting > 0).any():  # the prompts of settings 1-2 without their trigger words (only those are encoded again)
             changed = (setting > 0).nonzero().squeeze(1)
             again = backbone.encode_prompts([plain[int(i)] for i in changed])
-            states = batch.cond.states.clone()
-            states[changed] = again.states.to(states.dtype)
-            mask = None
-            if batch.cond.mask is not None:
-                mask = batch.cond.mask.clone()
-                mask[changed] = again.mask
-            cond = type(batch.cond)(states, mask, dict(batch.cond.added))
+            cond = batch.cond.replace_rows(changed, again)  # the pooled embeddings too (SDXL, SD3): no trigger word anywhere
         ident = self.id_lora(coeffs)
         target = batch.target
         if "base" in coeffs:
@@ -466,7 +462,7 @@ class HyperLoRA(Personalizer):
             base, weights = None, ident
         if (setting > 0).any():  # the teachers, on their rows only: the frozen base model (setting 1), the Base-LoRA model (2)
             rows = (setting > 0).nonzero().squeeze(1)
-            sub = type(cond)(cond.states[rows], None if cond.mask is None else cond.mask[rows], {k: v[rows] for k, v in cond.added.items()})
+            sub = cond.select(rows)
             with torch.no_grad():
                 if base is not None:
                     lora_rows = torch.where(setting[rows] == 2, rows, torch.full_like(rows, -1))  # -1: no LoRA on that row

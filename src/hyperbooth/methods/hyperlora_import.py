@@ -98,6 +98,7 @@ from torch import nn
 
 from hyperbooth.encoders import VisionTransformersEncoder, encode_images
 from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.faces import NoFaceError
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine
 from hyperbooth.methods.base import Personalizer, register
 from hyperbooth.methods.hyperlora import mix_basis, subject_views
@@ -341,8 +342,12 @@ class _InsightFaceArcFace:
         except ImportError:
             raise ConfigError("face_encoder='insightface' needs the insightface package and the antelopev2 model files "
                               "(not installed here); use face_encoder='none' to skip the ID path") from None
-        self.app = FaceAnalysis(name="antelopev2", root=root or "~/.insightface", providers=["CPUExecutionProvider"])
-        self.app.prepare(ctx_id=0, det_size=(640, 640))
+        try:  # missing model files end in an assertion or a download attempt inside insightface: one clear error
+            self.app = FaceAnalysis(name="antelopev2", root=root or "~/.insightface", providers=["CPUExecutionProvider"])
+            self.app.prepare(ctx_id=0, det_size=(640, 640))
+        except Exception as e:
+            raise CheckpointError(f"insightface's antelopev2 models cannot be loaded from {root or '~/.insightface'!r} "
+                                  f"({type(e).__name__}: {e}); put the antelopev2 folder under <root>/models/") from None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         import numpy as np
@@ -352,7 +357,7 @@ class _InsightFaceArcFace:
             rgb = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
             faces = self.app.get(np.ascontiguousarray(rgb[..., ::-1]))  # BGR
             if not faces:
-                raise ConfigError(f"reference {i}: no face detected (the released HyperLoRA's ID path needs one)")
+                raise NoFaceError(f"reference image {i}: no face detected (the released HyperLoRA's ID path needs one)", index=i)
             face = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
             out.append(torch.from_numpy(np.asarray(face.normed_embedding, dtype=np.float32)))
         return torch.stack(out).to(images.device)
@@ -544,14 +549,15 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         pickles = sorted(p.name for p in path.parent.glob(path.stem + ".*") if p.suffix.lower() in PICKLE_SUFFIXES)
         hint = f" (there is {pickles[0]}: a pickle, which hyperbooth refuses to load because it can run code)" if pickles else ""
         raise CheckpointError(f"{path}: no such file{hint}")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        raise CheckpointError(f"{path}: a pickle/zip (torch.save) file under a .safetensors name; hyperbooth refuses pickles because they can run code")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
+        with open(path, "rb") as f:  # only a file safetensors cannot read is sniffed (a valid header may start alike)
+            head = f.read(9)
+        if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
+            raise CheckpointError(f"{path}: a pickle/zip (torch.save) file under a .safetensors name; hyperbooth refuses pickles "
+                                  "because they can run code") from None
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
 

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from hyperbooth import methods
 from hyperbooth.backbones import Backbone, load_backbone
 from hyperbooth.config import config_from_dict, load_config, save_config, to_dict
-from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, forward_process, loss_weights, training_scheduler, training_timesteps
+from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, check_min_snr, forward_process, loss_weights, training_scheduler, training_timesteps
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.methods.base import WEIGHTS_NAME, Personalizer, TrainBatch
 from hyperbooth.train.data import DataConfig, batches, build_dataset
@@ -233,6 +233,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(backbone.unet)
     scheduler = training_scheduler(backbone.scheduler.config)
+    check_min_snr(scheduler, cfg.min_snr_gamma)
     dataset = build_dataset(cfg.data, backbone.resolution, size=cfg.optim.max_steps * cfg.optim.batch_size)  # bad photos fail here
 
     torch.manual_seed(cfg.seed)

@@ -39,7 +39,7 @@ from hyperbooth.backbones import Backbone, load_backbone
 from hyperbooth.backbones.base import Conditioning
 from hyperbooth.config import save_config, to_dict
 from hyperbooth.devices import resolve_device, resolve_dtype
-from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, forward_process, loss_weights, training_scheduler, training_timesteps
+from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, check_min_snr, forward_process, loss_weights, training_scheduler, training_timesteps
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.files import atomic_write
 from hyperbooth.methods.hyperdreambooth import TARGETS_CONFIG, all_target_shapes, lidb_dims, lidb_init, split_components
@@ -154,6 +154,7 @@ def optimize_shard(backbone: Backbone, identities: list[int], cfg: PreoptConfig,
     params = [p for n in shapes for p in (A[n], B[n])]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     scheduler = training_scheduler(backbone.scheduler.config)
+    check_min_snr(scheduler, cfg.min_snr_gamma)
 
     images, prompts = [], []
     for identity in identities:

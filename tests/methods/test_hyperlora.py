@@ -183,7 +183,8 @@ def test_cli_personalize_with_base_lora_scale(tiny_world_model, tmp_path, capsys
     assert main([*args, "--base-lora-scale", "-1", "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert "base_lora_scale=-1" in capsys.readouterr().err and not (tmp_path / "bad.safetensors").exists()
     assert main([*args[:3], "--method", "hyperlora", "--model", str(tiny_world_model), "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "ships no hyperlora checkpoint yet" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the shipped checkpoint is for the shipped world model, not this tiny one: refused, named
+    assert "hyperlora personalizer" in err and "first target that differs" in err
 
 
 def _batch(backbone, prompts, seed=0):

@@ -14,7 +14,7 @@ from hyperbooth.cli import main
 from hyperbooth.errors import CheckpointError
 from hyperbooth.generate import generate
 from hyperbooth.lora import load_lora
-from hyperbooth.methods import SHIPPED_E2E, E2EHyperNetwork
+from hyperbooth.methods import SHIPPED_E2E, SHIPPED_HYPERDREAMBOOTH, SHIPPED_HYPERLORA, E2EHyperNetwork
 from hyperbooth.personalize import load_personalizer, personalize
 from hyperbooth.world.base_model import SHIPPED_BASE_MODEL
 from hyperbooth.world.fidelity import reference_images
@@ -90,6 +90,27 @@ def test_shipped_hypernetwork_personalizes_the_shipped_base_model(tmp_path):
     written = load_lora(tmp_path / "s.safetensors", WorldBackbone.from_pretrained().unet)
     assert written.format == "kohya" and written.metadata["hyperbooth.method"] == "e2e"
     assert written.metadata["hyperbooth.backbone"] == "world" and written.metadata["hyperbooth.hypernet"].startswith("e2e sha256:")
+
+
+@pytest.mark.parametrize("method", ["hyperdreambooth", "hyperlora"])
+def test_shipped_hyperdreambooth_and_hyperlora_personalize_from_the_command_line(method, tmp_path):
+    """The other two shipped hypernetworks: small, for the shipped base model, two identities get two LoRAs, and
+    `hyperbooth personalize --method METHOD` writes a file that loads back."""
+    folder = {"hyperdreambooth": SHIPPED_HYPERDREAMBOOTH, "hyperlora": SHIPPED_HYPERLORA}[method]
+    size_mb = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+    assert size_mb < 40
+    backbone, personalizer = load_backbone(None), load_personalizer(method=method)
+    assert personalizer.method == method and not personalizer.encoder.trainable
+    refs = torch.stack([reference_images(s, 1) for s in identity_seeds("test", 2)])
+    with torch.no_grad():
+        deltas = personalizer.personalize(refs, backbone, class_names=["ball", "ball"]).deltas()
+    assert all(torch.isfinite(d).all() for d in deltas.values())
+    assert sum(float((d[0] - d[1]).norm()) for d in deltas.values()) > 0
+    ref = tmp_path / "ref.png"
+    Image.fromarray(((refs[0, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(ref)
+    out = tmp_path / "s.safetensors"
+    assert main(["personalize", "--method", method, "--images", str(ref), "--class-name", "ball", "--out", str(out)]) == 0
+    assert load_lora(out, backbone.unet).metadata["hyperbooth.method"] == method
 
 
 #: Pixels of the shipped models' images, pinned bit for bit (first before the library-layer refactor, issue 14; again

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hyperbooth.errors import CheckpointError, ConfigError
+from hyperbooth.faces import to_uint8
 from hyperbooth.world import contexts as ctx
 from hyperbooth.world.fidelity import identity_retrieval, prompt_fidelity, subject_fidelity
 from hyperbooth.world.oracles import HEADS, Oracles
@@ -88,8 +89,7 @@ def _check_images(images: torch.Tensor, what: str = "generated images") -> torch
 
 def to_pil(images: torch.Tensor) -> list:
     """``(B, 3, H, W)`` in [-1, 1] → PIL RGB images."""
-    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in array]
+    return [Image.fromarray(a) for a in to_uint8(images)]
 
 
 def _checkpoint_folder(path: str | os.PathLike | None, metric: str, key: str) -> Path:

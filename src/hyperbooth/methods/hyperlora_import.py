@@ -98,7 +98,8 @@ from torch import nn
 
 from hyperbooth.encoders import VisionTransformersEncoder, encode_images
 from hyperbooth.errors import CheckpointError, ConfigError
-from hyperbooth.faces import NoFaceError
+from hyperbooth.faces import NoFaceError, to_uint8
+from hyperbooth.lora.io import PICKLE_SUFFIXES
 from hyperbooth.lora.weights import LoRALayer, LoRAWeights, combine
 from hyperbooth.methods.base import Personalizer, register
 from hyperbooth.methods.hyperlora import mix_basis, subject_views
@@ -353,8 +354,7 @@ class _InsightFaceArcFace:
         import numpy as np
 
         out = []
-        for i, img in enumerate(images):
-            rgb = ((img.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        for i, rgb in enumerate(to_uint8(images)):
             faces = self.app.get(np.ascontiguousarray(rgb[..., ::-1]))  # BGR
             if not faces:
                 raise NoFaceError(f"reference image {i}: no face detected (the released HyperLoRA's ID path needs one)", index=i)
@@ -536,9 +536,6 @@ def diffusers_module_name(name: str, layers_per_block: int = 2) -> str:
 
 
 # -- files -----------------------------------------------------------------------------------------------------------
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:

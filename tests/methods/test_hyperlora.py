@@ -21,7 +21,7 @@ def _trained_like(net: HyperLoRA) -> HyperLoRA:
     net.stage_reached.fill_(net.config.stage - 1)
     with torch.no_grad():
         for basis in [net.id_basis] + ([net.base_basis] if net.config.base_lora else []):
-            for up in basis.up:
+            for up in basis.up.parameters():  # the up bases (lora_space "free": the up heads' weights and biases)
                 up.copy_(torch.randn(up.shape, generator=g) * 0.1)
     return net
 
@@ -91,6 +91,32 @@ def test_interpolation_runs_in_coefficient_space():
         torch.testing.assert_close(ends[1][name], wb[name])
 
 
+def test_free_lora_space_maps_each_latent_to_its_factor_linearly():
+    free = dataclasses.replace(CFG, lora_space="free")
+    net = HyperLoRA(free, SHAPES).eval()
+    refs = torch.rand(2, 3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert all(d.abs().max() == 0 for d in net(refs).deltas().values())  # ΔW = 0 at init, as with a basis
+        net = _trained_like(net)
+        coeffs = net.coefficients(refs)
+        assert coeffs["id"].shape == (2, 2 * len(SHAPES), free.d_model) and free.coefficient_dim == free.d_model
+        ident = net.id_lora(coeffs)
+        for name, (d_in, d_out) in SHAPES.items():
+            assert ident[name].A.shape == (2, 4, d_in) and ident[name].B.shape == (2, d_out, 4)
+        single = [net.coefficients(refs[:, j:j + 1]) for j in range(3)]
+        per_ref = [net.id_lora(c) for c in single]  # linear maps: the factors of the mean features are the mean factors
+        for name in SHAPES:
+            torch.testing.assert_close(ident[name].A, sum(w[name].A for w in per_ref) / 3)
+            torch.testing.assert_close(ident[name].B, sum(w[name].B for w in per_ref) / 3)
+        meta = net.subject_metadata(1)
+        back = net.coefficients_from_metadata(meta)
+        torch.testing.assert_close(back["id"][0], coeffs["id"][1])
+    basis_net = HyperLoRA(CFG, SHAPES)
+    basis_net._last_coefficients = {k: torch.zeros(1, 2 * len(SHAPES), CFG.num_basis) for k in ("id", "base")}
+    with pytest.raises(ConfigError, match="do not fit this HyperLoRA"):  # a basis subject's file given to a free model
+        net.coefficients_from_metadata(basis_net.subject_metadata(0))
+
+
 @pytest.mark.parametrize("box", [[1.0, 0.0, 1.0, 0.5], [0.6, 0.2, 0.4, 0.8], [0.0, 0.0, 1.2, 1.0], [float("nan"), 0, 1, 1]])
 def test_bad_subject_boxes_are_named(box):
     with pytest.raises(ConfigError, match="subject box"):
@@ -124,19 +150,21 @@ def test_settings_are_drawn_in_the_configured_proportions():
     ({"stage": 1, "base_lora": False}, "needs hypernet.base_lora"), ({"base_lora_scale": -1.0}, "base_lora_scale"),
     ({"encoder": "world"}, "frozen one"), ({"id_embedding": "arcface"}, "id_embedding='arcface'"),
     ({"subject_box": "dlib"}, "subject_box='dlib'"), ({"face_margin": -0.1}, "face_margin"),
+    ({"lora_space": "svd"}, "lora_space='svd'"),
 ])
 def test_bad_configs_are_named(bad, message):
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(CFG, **bad).validate()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_stage_trains_only_its_parameters(stage, tiny_world_model):
+@pytest.mark.parametrize("stage, space", [(1, "basis"), (2, "basis"), (3, "basis"), (2, "free")])
+def test_each_stage_trains_only_its_parameters(stage, space, tiny_world_model):
     from hyperbooth.diffusion import forward_process, loss_weights, training_scheduler
     from hyperbooth.methods.base import TrainBatch
 
     backbone = load_backbone(tiny_world_model)
-    net = _trained_like(HyperLoRA.for_backbone(dataclasses.replace(CFG, stage=stage, p_reconstruct=0.5, p_id_only=0.25, p_base_id=0.25), backbone))
+    net = _trained_like(HyperLoRA.for_backbone(dataclasses.replace(CFG, stage=stage, p_reconstruct=0.5, p_id_only=0.25, p_base_id=0.25,
+                                                                   lora_space=space), backbone))
     trained = set(net.stage_parameters(stage))
     assert trained and all(p.requires_grad == (n in trained) for n, p in net.named_parameters() if not n.startswith("encoder."))
     scheduler = training_scheduler(backbone.scheduler.config)

@@ -3,7 +3,9 @@ perceiver resamplers emit coefficients over a learned basis of LoRAs, for an ID-
 
 - **A low-dimensional linear LoRA space** (:func:`mix_basis`): per target layer ``K`` basis LoRAs,
   ``down_basis (K, d_in, r)`` and ``up_basis (K, r, d_out)``; a subject's LoRA is ``A = Σ_k c^A_k · down_k^T``,
-  ``B = Σ_k c^B_k · up_k^T`` from L2-normalised coefficients (one vector per factor per layer).
+  ``B = Σ_k c^B_k · up_k^T`` from L2-normalised coefficients (one vector per factor per layer). ``lora_space:
+  free`` replaces the basis by a linear map from each latent to its factor: an unconstrained LoRA of the same rank,
+  the reference the basis ablation measures the basis against.
 - **Perceiver resampler** (:class:`Resampler`): learned latent queries, one per LoRA factor per target layer;
   blocks of self-attention over the latents, cross-attention to the ID tokens, cross-attention to the image-encoder
   tokens, feed-forward; a projection to ``K`` coefficients, L2-normalised.
@@ -59,6 +61,10 @@ STAGES = (1, 2, 3)
 ID_EMBEDDINGS = ("encoder", "face")
 #: where the subject is: the centred square of side ``crop``, or the face dlib finds
 SUBJECT_BOXES = ("center", "face")
+#: the space a subject's LoRA lives in: coefficients over a learned basis of ``num_basis`` LoRAs (the method), or
+#: "free": each latent's features mapped straight to its factor (an unconstrained LoRA of the same rank; the basis
+#: ablation's reference, the seed's Figure 3)
+LORA_SPACES = ("basis", "free")
 log = logging.getLogger(__name__)
 
 #: the LoRA-file header entry holding a HyperLoRA subject's coefficients
@@ -71,7 +77,8 @@ SHIPPED_HYPERLORA = Path(__file__).resolve().parent.parent / "assets" / "world" 
 @dataclass
 class HyperLoRAConfig:
     rank: int = 4  # ID-LoRA rank r; the Base-LoRA has max(1, r // 2)
-    num_basis: int = 32  # K basis LoRAs per layer (the released SDXL models: 128)
+    num_basis: int = 32  # K basis LoRAs per layer (the released SDXL models: 128); unused with lora_space "free"
+    lora_space: str = "basis"  # "basis" (the method) or "free" (an unconstrained LoRA of the same rank, for the ablation)
     base_lora: bool = True  # build a Base-LoRA (stage 1 trains it)
     base_lora_scale: float = 0.25  # its scale at inference (the released models' 0.25); 0: ID-LoRA alone
     d_model: int = 256
@@ -120,6 +127,8 @@ class HyperLoRAConfig:
             raise ConfigError(f"hypernet.subject_box={self.subject_box!r} must be one of {', '.join(map(repr, SUBJECT_BOXES))}")
         if isinstance(self.face_margin, bool) or not isinstance(self.face_margin, (int, float)) or not 0 <= self.face_margin <= 2:
             raise ConfigError(f"hypernet.face_margin={self.face_margin!r} must be a number in [0, 2]")
+        if self.lora_space not in LORA_SPACES:
+            raise ConfigError(f"hypernet.lora_space={self.lora_space!r} must be one of {', '.join(map(repr, LORA_SPACES))}")
         if self.encoder == "world":
             raise ConfigError("hypernet.encoder='world' is a trainable encoder; HyperLoRA reads a frozen one shared by both heads "
                               "(world-pretrained, or a CLIP / DINO / ViT folder)")
@@ -127,6 +136,11 @@ class HyperLoRAConfig:
     @property
     def base_rank(self) -> int:
         return max(1, self.rank // 2)
+
+    @property
+    def coefficient_dim(self) -> int:
+        """The size of one factor's coefficient vector: K over a basis, the resampler's width when free."""
+        return self.num_basis if self.lora_space == "basis" else self.d_model
 
 
 # -- the math -------------------------------------------------------------------------------------------------------
@@ -202,19 +216,22 @@ class _Block(nn.Module):
 
 
 class Resampler(nn.Module):
-    """Learned latents (one per LoRA factor per target layer) → ``(N, L, K)`` L2-normalised coefficients."""
+    """Learned latents (one per LoRA factor per target layer) → ``(N, L, K)`` L2-normalised coefficients
+    (``num_basis`` None: the latents' normalised features ``(N, L, d)``, which :class:`_FreeHeads` map to factors)."""
 
-    def __init__(self, num_latents: int, d: int, depth: int, heads: int, num_basis: int, use_id: bool):
+    def __init__(self, num_latents: int, d: int, depth: int, heads: int, num_basis: int | None, use_id: bool):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, d) * 0.02)
         self.blocks = nn.ModuleList(_Block(d, heads, use_id) for _ in range(depth))
         self.norm = nn.LayerNorm(d)
-        self.proj = nn.Linear(d, num_basis)
+        self.proj = nn.Linear(d, num_basis) if num_basis is not None else None
 
     def forward(self, image: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         x = self.latents.unsqueeze(0).expand(image.shape[0], -1, -1)
         for block in self.blocks:
             x = block(x, image, ids)
+        if self.proj is None:
+            return self.norm(x)
         return F.normalize(self.proj(self.norm(x)), dim=-1)
 
 
@@ -225,6 +242,36 @@ class _Basis(nn.Module):
         super().__init__()
         self.down = nn.ParameterList(nn.Parameter(torch.randn(num_basis, d_in, rank) / math.sqrt(d_in)) for d_in, _ in shapes)
         self.up = nn.ParameterList(nn.Parameter(torch.zeros(num_basis, rank, d_out)) for _, d_out in shapes)
+
+    def layer(self, i: int, coeff_A: torch.Tensor, coeff_B: torch.Tensor, alpha: float) -> LoRALayer:
+        return mix_basis(coeff_A, coeff_B, self.down[i], self.up[i], alpha)
+
+
+class _FreeHeads(nn.Module):
+    """``lora_space: free``: per target layer a linear map from the A latent's features to ``A (r, d_in)`` (scaled
+    like the basis' random down factors) and from the B latent's to ``B (d_out, r)`` (zero: ΔW = 0 at init). Linear,
+    so averaging references and interpolating subjects in feature space is the same as doing it on the factors."""
+
+    def __init__(self, shapes: list[tuple[int, int]], d: int, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.down = nn.ModuleList(nn.Linear(d, rank * d_in) for d_in, _ in shapes)
+        self.up = nn.ModuleList(nn.Linear(d, d_out * rank) for _, d_out in shapes)
+        for (d_in, _), down, up in zip(shapes, self.down, self.up):
+            nn.init.normal_(down.weight, std=1 / math.sqrt(d * d_in))  # unit-norm features → entries ~1/sqrt(d_in)
+            nn.init.zeros_(down.bias)
+            nn.init.zeros_(up.weight)
+            nn.init.zeros_(up.bias)
+
+    def layer(self, i: int, feats_A: torch.Tensor, feats_B: torch.Tensor, alpha: float) -> LoRALayer:
+        n = feats_A.shape[0]
+        A = self.down[i](feats_A).view(n, self.rank, -1)
+        B = self.up[i](feats_B).view(n, -1, self.rank)
+        return LoRALayer(A, B, alpha)
+
+
+def _lora_space(cfg: HyperLoRAConfig, shapes: list[tuple[int, int]], rank: int) -> nn.Module:
+    return _Basis(shapes, cfg.num_basis, rank) if cfg.lora_space == "basis" else _FreeHeads(shapes, cfg.d_model, rank)
 
 
 @register
@@ -248,12 +295,13 @@ class HyperLoRA(Personalizer):
         # runs on the CPU for every reference (its results cached per image)
         self._faces: FaceAnalyzer | None = FaceAnalyzer() if "face" in (cfg.id_embedding, cfg.subject_box) else None
         self.faces_missing = 0  # training images in which dlib found no face (centred box, zero descriptor instead)
-        self.id_resampler = Resampler(n_lat, d, cfg.depth, cfg.heads, cfg.num_basis, use_id=True)
-        self.id_basis = _Basis(shapes, cfg.num_basis, cfg.rank)
+        k = cfg.num_basis if cfg.lora_space == "basis" else None
+        self.id_resampler = Resampler(n_lat, d, cfg.depth, cfg.heads, k, use_id=True)
+        self.id_basis = _lora_space(cfg, shapes, cfg.rank)
         if cfg.base_lora:
             self.base_token_proj = nn.Linear(self.encoder.out_dim, d)
-            self.base_resampler = Resampler(n_lat, d, cfg.depth, cfg.heads, cfg.num_basis, use_id=False)
-            self.base_basis = _Basis(shapes, cfg.num_basis, cfg.base_rank)
+            self.base_resampler = Resampler(n_lat, d, cfg.depth, cfg.heads, k, use_id=False)
+            self.base_basis = _lora_space(cfg, shapes, cfg.base_rank)
         #: the last stage this model has been trained in (0: none), saved with it: a stage continues the one before
         self.register_buffer("stage_reached", torch.tensor(0, dtype=torch.long))
         self._set_stage(cfg.stage)
@@ -293,7 +341,8 @@ class HyperLoRA(Personalizer):
 
     def coefficients(self, references: torch.Tensor, boxes: torch.Tensor | None = None, use_id: bool | None = None) -> dict[str, torch.Tensor]:
         """references ``(N, k, 3, H, W)`` → ``{"id": (N, 2L, K), "base": (N, 2L, K)}``, each the mean over the k
-        references of the resampler's L2-normalised coefficients (rows ``2l`` and ``2l + 1``: layer l's A and B).
+        references of the resampler's L2-normalised coefficients (rows ``2l`` and ``2l + 1``: layer l's A and B; with
+        ``lora_space: free`` K is ``d_model`` and the rows are the latents' features).
         ``use_id``: whether the ID-embedding path runs (default: in a stage-3 model, the stage that trains it)."""
         if references.ndim == 4:
             references = references[:, None]
@@ -350,10 +399,9 @@ class HyperLoRA(Personalizer):
         box_tensor = torch.tensor(boxes, dtype=torch.float32) if self.config.subject_box == "face" else None
         return box_tensor, torch.stack(descriptors)
 
-    def _lora(self, coeff: torch.Tensor, basis: _Basis, rank: int) -> LoRAWeights:
+    def _lora(self, coeff: torch.Tensor, basis: _Basis | _FreeHeads, rank: int) -> LoRAWeights:
         alpha = rank / 2  # the released models' kohya alpha
-        return LoRAWeights({name: mix_basis(coeff[:, 2 * i], coeff[:, 2 * i + 1], basis.down[i], basis.up[i], alpha)
-                            for i, name in enumerate(self.names)})
+        return LoRAWeights({name: basis.layer(i, coeff[:, 2 * i], coeff[:, 2 * i + 1], alpha) for i, name in enumerate(self.names)})
 
     def id_lora(self, coeffs: dict[str, torch.Tensor]) -> LoRAWeights:
         return self._lora(coeffs["id"], self.id_basis, self.config.rank)
@@ -409,7 +457,7 @@ class HyperLoRA(Personalizer):
                    for k, v in stored.items()}
         except (ValueError, TypeError, KeyError, AttributeError, RuntimeError):
             raise ConfigError(f"{source}: its HyperLoRA coefficients cannot be read") from None
-        want = (2 * len(self.names), self.config.num_basis)
+        want = (2 * len(self.names), self.config.coefficient_dim)
         if set(out) != ({"id", "base"} if self.config.base_lora else {"id"}) or any(tuple(v.shape[1:]) != want for v in out.values()):
             raise ConfigError(f"{source}: its HyperLoRA coefficients do not fit this HyperLoRA (another basis or targets)")
         return out
@@ -418,7 +466,8 @@ class HyperLoRA(Personalizer):
         """``Σ_i w_i c_i`` of several subjects' coefficients → one LoRA (interpolation: weights summing to 1)."""
         mixed = {k: sum(w * c[k] for c, w in zip(coefficient_sets, weights)) for k in coefficient_sets[0]}
         with torch.no_grad():
-            return self.weights({k: v.to(self.id_basis.down[0].device) for k, v in mixed.items()})
+            device = self.id_resampler.latents.device
+            return self.weights({k: v.to(device) for k, v in mixed.items()})
 
     @torch.no_grad()
     def interpolate(self, refs_a: torch.Tensor, refs_b: torch.Tensor, t: float) -> LoRAWeights:

@@ -14,9 +14,11 @@ for that backbone's LoRA targets. Two things are counted:
   moments: 8 bytes with ``optim.optimizer: adamw``; with ``adamw8bit`` (bitsandbytes' ``AdamW8bit``) 2 bytes plus
   two fp32 absmax per block of 256 (2.03 bytes) for tensors of at least 4096 elements (bitsandbytes'
   ``min_8bit_size``), 8 for the smaller ones; plus 4 for EMA when ``optim.ema_decay > 0``, and 4 for DDP's gradient
-  buckets on more than one GPU. Sharded modes on G GPUs (what ``configs/accelerate/`` would shard; ``hyperbooth
-  train`` runs DDP only): ZeRO-2 splits the gradients and the optimizer moments G ways (no DDP buckets); FSDP
-  (FULL_SHARD) also splits the trained weights and the frozen image encoder (both in the prepared module). Neither
+  buckets on more than one GPU. Sharded modes on G GPUs: ZeRO-2 (``configs/accelerate/deepspeed_zero2.yaml``;
+  ``hyperbooth train`` refuses DeepSpeed, the row is for comparison) splits the gradients and the optimizer moments G
+  ways (no DDP buckets); FSDP2 as the engine runs it (``configs/accelerate/fsdp.yaml``; the personalizer is one FSDP
+  unit) also splits the trained weights, the frozen image encoder and the EMA, but gathers the whole personalizer in
+  bf16 for its forward and backward and holds its unsharded bf16 gradients until the reduce-scatter. Neither
   touches the frozen backbone, which is outside the module the engine prepares, nor the activations;
 - **activations per sample**: one training forward pass of the denoiser (bf16, the per-sample LoRA of the
   hypernetwork in its target layers; SD 1.5 64x64 latents and 77 tokens of 768, SDXL 128x128 latents, 77 tokens of
@@ -309,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             return frozen_bf16 + encoder_fp32 + weights + grads + moments[optimizer] + ema * trained + (4 * trained if gpus > 1 else 0)
         if mode == "zero2":  # gradients and moments split G ways; weights, EMA replicated
             return frozen_bf16 + encoder_fp32 + weights + ema * trained + (grads + moments[optimizer]) / gpus
-        # fsdp FULL_SHARD: the prepared module's weights (trained, and the frozen image encoder) split G ways too
-        return frozen_bf16 + (encoder_fp32 + weights + grads + moments[optimizer]) / gpus + ema * trained
+        # FSDP2, the personalizer one unit: its weights (trained, and the frozen image encoder), grads, moments, EMA split
+        # G ways; while it computes, all of it gathered in bf16 and the trained parameters' unsharded bf16 gradients
+        sharded = (encoder_fp32 + weights + grads + moments[optimizer] + ema * trained) / gpus
+        return frozen_bf16 + sharded + 2 * (encoder + trained) + 2 * trained
 
     print(f"preset {args.config}: {spec.label} at {resolution}x{resolution}; rank {hyper.rank}, d_model {hyper.d_model}, "
           f"{hyper.layers} decoder layers, {len(targets)} LoRA target layers; mixed_precision {cfg.mixed_precision}; "
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfixed GB per GPU on {g} GPUs by mode (add batch x activations as above)\n")
     print("| mode | adamw | adamw8bit |")
     print("|---|---:|---:|")
-    for mode, label in (("ddp", "DDP (ddp.yaml)"), ("zero2", "ZeRO-2 (deepspeed_zero2.yaml)"), ("fsdp", "FSDP FULL_SHARD (fsdp.yaml)")):
+    for mode, label in (("ddp", "DDP (ddp.yaml)"), ("zero2", "ZeRO-2 (deepspeed_zero2.yaml)"), ("fsdp", "FSDP2, personalizer one unit (fsdp.yaml)")):
         print(f"| {label} | {fixed('adamw', g, mode) / GB:.2f} | {fixed('adamw8bit', g, mode) / GB:.2f} |")
     return 0
 

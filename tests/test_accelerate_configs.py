@@ -10,7 +10,19 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-from hyperbooth.train.engine import SHARDED_TYPES
+from types import SimpleNamespace
+
+from hyperbooth.errors import ConfigError
+from hyperbooth.train.sharding import check_distributed
+
+
+def _engine_accepts(kind, plugin=None) -> bool:
+    """What the training engine says to an accelerator of this kind (sharding.check_distributed): runs it or refuses."""
+    try:
+        check_distributed(SimpleNamespace(distributed_type=kind, state=SimpleNamespace(fsdp_plugin=plugin)))
+    except ConfigError:
+        return False
+    return True
 
 FOLDER = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 EXPECTED = {"ddp.yaml": DistributedType.MULTI_GPU, "fsdp.yaml": DistributedType.FSDP, "deepspeed_zero2.yaml": DistributedType.DEEPSPEED}
@@ -45,7 +57,7 @@ def test_ddp_launches_as_multi_gpu():
     args, _, _ = _launch_args(FOLDER / "ddp.yaml")
     assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed and args.num_processes == 8
     assert prepare_multi_gpu_env(args)["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    assert DistributedType.MULTI_GPU not in SHARDED_TYPES  # the engine runs it
+    assert _engine_accepts(DistributedType.MULTI_GPU)  # the engine runs it
 
 
 def test_fsdp_builds_accelerates_plugin(monkeypatch):
@@ -58,7 +70,9 @@ def test_fsdp_builds_accelerates_plugin(monkeypatch):
     plugin = FullyShardedDataParallelPlugin()
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True and plugin.min_num_params == 1_000_000
     assert plugin.state_dict_type.name == "FULL_STATE_DICT" and not plugin.activation_checkpointing
-    assert DistributedType.FSDP in SHARDED_TYPES  # the engine refuses it for now (the header says why)
+    assert _engine_accepts(DistributedType.FSDP, plugin)  # the engine runs FSDP2 ...
+    assert plugin.auto_wrap_policy is None  # ... with the personalizer as one unit (sharding's docstring says why)
+    assert not _engine_accepts(DistributedType.FSDP, SimpleNamespace(fsdp_version=1, auto_wrap_policy=None))  # FSDP1 is refused
 
 
 def test_deepspeed_zero2_builds_accelerates_plugin(monkeypatch):
@@ -74,4 +88,4 @@ def test_deepspeed_zero2_builds_accelerates_plugin(monkeypatch):
     zero = plugin.deepspeed_config["zero_optimization"]
     assert plugin.zero_stage == 2 and zero["stage"] == 2 and zero["offload_optimizer"]["device"] == "none"
     assert plugin.deepspeed_config["gradient_clipping"] == 1.0 and plugin.deepspeed_config["gradient_accumulation_steps"] == 1
-    assert DistributedType.DEEPSPEED in SHARDED_TYPES
+    assert not _engine_accepts(DistributedType.DEEPSPEED)  # refused, named (the header says why)

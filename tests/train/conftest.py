@@ -54,9 +54,26 @@ def subject_folder(tmp_path):
     return root
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_processes(args: list[str], script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Two real processes on the CPU (gloo), one thread each: ``torch.distributed.run --nproc_per_node 2``, which
+    sets RANK / WORLD_SIZE for accelerate. (``accelerate launch --cpu --num_processes 2`` starts ONE process on a
+    machine without GPUs: its simple launcher sets no ranks.) ``script``: what to run (default ``-m hyperbooth``)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), *(script or ["-m", "hyperbooth"]), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_MIXED_PRECISION": "no"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
 def train_on_two_processes(args: list[str], out: Path) -> None:
-    """``hyperbooth train *args out_dir=out`` under ``accelerate launch --num_processes 2 --cpu`` (one thread each)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hyperbooth", "train", *args, f"out_dir={out}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    """``hyperbooth train *args out_dir=out`` on two processes (:func:`launch_two_processes`), checked to be two."""
+    result = launch_two_processes(["train", *args, f"out_dir={out}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 processes" in result.stderr, result.stderr[-3000:]

@@ -191,21 +191,24 @@ class Personalizer(nn.Module):
 
     # -- files -----------------------------------------------------------------------------------------------
 
-    def state_to_save(self) -> dict[str, torch.Tensor]:
-        """The tensors ``save_pretrained`` writes: the state dict, less a frozen pre-trained ``encoder`` (it loads from
-        its own folder)."""
+    def state_to_save(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` writes: the state dict (or ``state``, this model's full state gathered from
+        shards), less a frozen pre-trained ``encoder`` (it loads from its own folder)."""
+        state = self.state_dict() if state is None else state
         encoder = getattr(self, "encoder", None)
         if encoder is None or getattr(encoder, "trainable", True):
-            return self.state_dict()
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+            return dict(state)
+        return {k: v for k, v in state.items() if not k.startswith("encoder.")}
 
-    def save_pretrained(self, folder: str | os.PathLike, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    def save_pretrained(self, folder: str | os.PathLike, extra: dict | None = None, dtype: torch.dtype | None = None,
+                        state: dict[str, torch.Tensor] | None = None) -> Path:
         """``hypernet_config.json`` (method, config, target shapes, ``extra``) + ``hypernet.safetensors``. ``dtype``
-        (e.g. ``torch.float16``) stores floating-point weights in that type; loading casts them back."""
+        (e.g. ``torch.float16``) stores floating-point weights in that type; loading casts them back. ``state``: the
+        weights to write instead of this module's own (the training engine's, gathered from FSDP shards)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_to_save().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_to_save(state).items()}
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             overflow = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)

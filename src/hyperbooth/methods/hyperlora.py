@@ -531,10 +531,12 @@ class HyperLoRA(Personalizer):
 
     # -- files ------------------------------------------------------------------------------------------------
 
-    def state_to_save(self) -> dict[str, torch.Tensor]:
+    def state_to_save(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         if self.training:  # saved by a training run (checkpoints, the final folder): it has now trained this stage
             self.stage_reached.fill_(max(int(self.stage_reached), self.config.stage))
-        return super().state_to_save()
+            if state is not None:
+                state = {**state, "stage_reached": self.stage_reached.detach().clone()}
+        return super().state_to_save(state)
 
 
 def _mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

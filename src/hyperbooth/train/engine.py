@@ -11,7 +11,8 @@ the method's personalizer for that backbone → loop:
 
 → atomic checkpoints → ``save_pretrained`` (the resolved training config and the backbone recorded in it).
 
-accelerate handles devices, mixed precision and data parallelism (``accelerate launch -m hyperbooth train …``).
+accelerate handles devices, mixed precision, data parallelism (``accelerate launch -m hyperbooth train …``) and
+FSDP2 sharding of the personalizer (:mod:`hyperbooth.train.sharding`: checkpoints gathered from the shards).
 Every random draw of a sample (its data, noise, timestep, condition dropout) is a function of its *global* index,
 so the same global batch gives the same update on one process or several, and ``--resume`` continues exactly.
 """
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,7 +40,8 @@ from hyperbooth.diffusion import DEFAULT_MIN_SNR_GAMMA, check_min_snr, forward_p
 from hyperbooth.errors import CheckpointError, ConfigError
 from hyperbooth.methods.base import WEIGHTS_NAME, Personalizer, TrainBatch
 from hyperbooth.train.data import DataConfig, batches, build_dataset
-from hyperbooth.train.ema import build_ema, load_ema
+from hyperbooth.train import sharding
+from hyperbooth.train.ema import build_ema
 from hyperbooth.train.grad_checkpoint import enable_gradient_checkpointing
 from hyperbooth.train.optim import OptimConfig, build_optimizer, optimizer_class
 from hyperbooth.train.state import load_state, resume_checkpoint, save_state, training_state, trim_log, write_checkpoint
@@ -51,8 +52,6 @@ SAVE_DTYPES = {"fp32": None, "fp16": torch.float16}
 BACKBONE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16}
 #: recorded as ``base_model`` when the run used the shipped world model
 SHIPPED_WORLD_NAME = "hyperbooth:world/base"
-#: accelerate's sharded modes, refused by ``train``: see configs/accelerate/fsdp.yaml for what they would shard
-SHARDED_TYPES = (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
     method_cfg = method_config(cfg, method_cls)
     optimizer_class(cfg.optim)  # optim.optimizer="adamw8bit" without bitsandbytes fails here, before the backbone loads
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    if accelerator.distributed_type in SHARDED_TYPES:
-        raise ConfigError(f"hyperbooth train runs data parallel (one process per GPU, DDP: configs/accelerate/ddp.yaml), not "
-                          f"{accelerator.distributed_type.value}: its checkpoints save the hypernetwork, optimizer and EMA from "
-                          f"the main process alone, which sharded state does not support (configs/accelerate/fsdp.yaml)")
+    sharding.check_distributed(accelerator)  # DeepSpeed and FSDP1 refused; FSDP2 shards the personalizer as one unit
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     if cfg.optim.batch_size % world:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
@@ -245,13 +241,19 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
     if not params:
         raise ConfigError(f"method {cfg.method!r} with this hypernet config has no trainable parameters")
     optimizer, lr_schedule = build_optimizer(params, cfg.optim)
-    ema = build_ema(params, cfg.optim.ema_decay)
     step = 0
     checkpoint = resume_checkpoint(out, resume)
-    if checkpoint is not None:
-        step = _load_checkpoint(checkpoint, cfg, personalizer, optimizer, lr_schedule, ema, device)
-        log.info("resumed from %s at step %d", checkpoint, step)
+    state = _load_checkpoint(checkpoint, cfg, personalizer) if checkpoint is not None else None  # the weights, before sharding
     objective, optimizer = accelerator.prepare(Objective(personalizer, backbone), optimizer)
+    params = [p for p in personalizer.parameters() if p.requires_grad]  # under FSDP the prepared parameters are shards
+    ema = build_ema(params, cfg.optim.ema_decay)
+    if state is not None:  # the optimizer, schedule and EMA, into the prepared (possibly sharded) parameters
+        sharding.load_optimizer_state(accelerator, objective, optimizer, state["optimizer"], state.get("optimizer_layout"), str(checkpoint))
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        if ema is not None and state["ema"] is not None:
+            sharding.load_ema_state(ema, state["ema"], params, device)
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", checkpoint, step)
 
     # this process's share of each global batch: indices s·G + rank·b … s·G + (rank+1)·b − 1
     indices = [s * cfg.optim.batch_size + rank * local_batch + i for s in range(step, cfg.optim.max_steps) for i in range(local_batch)]
@@ -293,8 +295,15 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
                 window = dict.fromkeys(window, 0.0)
                 t_window = time.perf_counter()
             bar.update(1)
-            if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == cfg.optim.max_steps):
-                write_checkpoint(out, step, lambda folder: _write_checkpoint(folder, cfg, step, personalizer, optimizer, lr_schedule, ema))
+            if step % cfg.checkpoint_every == 0 or step == cfg.optim.max_steps:
+                # gathered on every process (a collective under FSDP), written by the main one
+                weights = sharding.full_model_state(accelerator, objective)
+                opt_state, layout = sharding.optimizer_state(accelerator, objective, optimizer)
+                shadows = sharding.ema_state(ema)
+                if accelerator.is_main_process:
+                    extra = {"optimizer_layout": layout} if layout else {}
+                    write_checkpoint(out, step, lambda folder: _write_checkpoint(
+                        folder, personalizer, weights, training_state(step, opt_state, lr_schedule, shadows, to_dict(cfg), **extra)))
     finally:
         bar.close()
         if log_file is not None:
@@ -302,13 +311,15 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
         if cfg.gradient_checkpointing:  # a backbone the caller passed in is handed back as it came
             backbone.unet.disable_gradient_checkpointing()
     accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(params)  # every process: under FSDP each copies its shards
+    weights = sharding.full_model_state(accelerator, objective)
     if accelerator.is_main_process:
-        if ema is not None:
-            ema.copy_to(params)
         # checkpoints keep fp32 (exact resume); the final folder may be stored in fp16 (the shipped checkpoint is)
-        personalizer.save_pretrained(out / "hypernet", dtype=SAVE_DTYPES[cfg.save_dtype], extra={
+        personalizer.save_pretrained(out / "hypernet", dtype=SAVE_DTYPES[cfg.save_dtype], state=weights, extra={
             "train_config": to_dict(cfg), "base_model": cfg.base_model or SHIPPED_WORLD_NAME, "backbone": backbone.name})
-    log.info("trained %d steps in %.1f min", step, (time.perf_counter() - t_start) / 60)
+    log.info("trained %d steps in %.1f min on %d process%s (%s)", step, (time.perf_counter() - t_start) / 60, world,
+             "es" if world > 1 else "", accelerator.distributed_type.value)
     return out / "hypernet"
 
 
@@ -337,9 +348,9 @@ def _open_log(path: Path, step: int):
     return log_file, _LogWriter(log_file, header_written=False)
 
 
-def _write_checkpoint(folder: Path, cfg: TrainConfig, step: int, model: Personalizer, optimizer, lr_schedule, ema) -> None:
-    model.save_pretrained(folder / "hypernet")
-    save_state(folder / "state.pt", training_state(step, optimizer, lr_schedule, ema, to_dict(cfg)))
+def _write_checkpoint(folder: Path, model: Personalizer, weights: dict[str, torch.Tensor], state: dict) -> None:
+    model.save_pretrained(folder / "hypernet", state=weights)
+    save_state(folder / "state.pt", state)
 
 
 #: the config sections a resumed run must share with its checkpoint (the others — out_dir, logging, checkpointing,
@@ -362,7 +373,9 @@ def _differences(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} in the checkpoint, {b!r} now"]
 
 
-def _load_checkpoint(folder: Path, cfg: TrainConfig, model: Personalizer, optimizer, lr_schedule, ema, device) -> int:
+def _load_checkpoint(folder: Path, cfg: TrainConfig, model: Personalizer) -> dict:
+    """Check that ``folder`` was trained with this config, load its weights into ``model``; returns its training
+    state (optimizer, schedule, EMA, step) for after ``accelerator.prepare``."""
     state = load_state(folder / "state.pt")
     saved = dict(state.get("config") or {})
     # settings added to hyperbooth after the checkpoint was written take their defaults (what the run then used)
@@ -374,8 +387,4 @@ def _load_checkpoint(folder: Path, cfg: TrainConfig, model: Personalizer, optimi
         raise CheckpointError(f"--resume: {folder} was trained with another config ({changed[0]}); resume with the same "
                               f"config, or train into a new out_dir")
     model.load_weights(folder / "hypernet" / WEIGHTS_NAME)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_schedule.load_state_dict(state["lr_schedule"])
-    if ema is not None and state["ema"] is not None:
-        load_ema(ema, state["ema"], device)
-    return int(state["step"])
+    return state

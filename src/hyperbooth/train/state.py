@@ -131,12 +131,13 @@ def resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
 
 def training_state(step: int, optimizer, lr_schedule, ema, config: dict, **extra) -> dict:
     """What a checkpoint's ``state.pt`` holds besides the weights: the step, the optimizer's and the schedule's state,
-    the EMA's (or None), the resolved config, and ``extra`` entries of one trainer."""
+    the EMA's (or None), the resolved config, and ``extra`` entries of one trainer. ``optimizer`` and ``ema`` may be
+    objects or their state dicts already (gathered from shards: :mod:`hyperbooth.train.sharding`)."""
     return {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
         "lr_schedule": lr_schedule.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
+        "ema": ema if ema is None or isinstance(ema, dict) else ema.state_dict(),
         **extra,
         "config": config,
     }

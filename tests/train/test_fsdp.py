@@ -1,0 +1,65 @@
+"""FSDP2 in the training engine, on two CPU processes (gloo; tests/train/fsdp_on_cpu.py turns accelerate's FSDP on):
+the sharded run gives the update of one process with the whole batch (EMA and gradient clipping included), its
+checkpoints hold full tensors and resume exactly under FSDP and on one process, and HyperLoRA (a frozen encoder and a
+buffer inside the sharded module) trains and saves."""
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from hyperbooth.methods import WEIGHTS_NAME
+from hyperbooth.train.engine import load_train_config, train
+from tests.train.conftest import launch_two_processes
+
+DRIVER = [str(Path(__file__).resolve().parent / "fsdp_on_cpu.py")]
+TINY = ["hypernet={d_model: 32, layers: 1, heads: 2, encoder_dim: 16, rank: 2}", "optim.batch_size=4", "optim.warmup_steps=1",
+        "data.num_workers=0", "log_every=1", "optim.grad_clip=0.05", "optim.ema_decay=0.5"]
+
+
+def _fsdp(args: list[str], out: Path, resume: bool = False):
+    result = launch_two_processes(["train", *args, f"out_dir={out}", *(["--resume"] if resume else [])], script=DRIVER)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 processes (FSDP)" in result.stderr, result.stderr[-3000:]
+    return out / "hypernet"
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / WEIGHTS_NAME)
+
+
+def _close(a: dict, b: dict, atol: float = 1e-5) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_fsdp_gives_the_update_of_one_process_and_resumes_exactly(tiny_world_model, tmp_path):
+    args = [*TINY, f"base_model={tiny_world_model}", "optim.max_steps=2", "checkpoint_every=1"]
+    one = _weights(train(load_train_config(None, [*args, f"out_dir={tmp_path / 'one'}"])))
+    sharded = _weights(_fsdp(args, tmp_path / "fsdp"))
+    init = _weights(tmp_path / "fsdp" / "checkpoints" / "step-0000001" / "hypernet")
+    assert _close(one, sharded) < 1e-5  # two steps with clipping (the global norm over shards) and EMA
+    assert any(not torch.equal(sharded[k], init[k]) for k in sharded if k.startswith("head_B"))  # it did update
+    state = torch.load(tmp_path / "fsdp" / "checkpoints" / "step-0000002" / "state.pt", weights_only=True)
+    assert state["optimizer_layout"] == "names" and all(not type(t).__name__ == "DTensor" for t in state["ema"]["shadow_params"])
+
+    # the step-1 checkpoint resumed under FSDP, and on one process: both end where the uninterrupted run ended
+    for name in ("resumed_fsdp", "resumed_one"):
+        part = tmp_path / name
+        shutil.copytree(tmp_path / "fsdp", part)
+        shutil.rmtree(part / "checkpoints" / "step-0000002")
+        (part / "checkpoints" / "latest").write_text("step-0000001")
+    resumed = _weights(_fsdp(args, tmp_path / "resumed_fsdp", resume=True))
+    assert _close(sharded, resumed) < 1e-6
+    single = _weights(train(load_train_config(None, [*args, f"out_dir={tmp_path / 'resumed_one'}"]), resume=True))
+    assert _close(sharded, single) < 1e-5
+
+
+def test_hyperlora_trains_under_fsdp(tiny_world_model, tmp_path):
+    args = ["method=hyperlora", "hypernet={rank: 2, num_basis: 4, d_model: 32, depth: 1, heads: 2, id_tokens: 2, stage: 1}",
+            "optim.batch_size=4", "optim.warmup_steps=1", "data.num_workers=0", "optim.max_steps=1", f"base_model={tiny_world_model}"]
+    one = _weights(train(load_train_config(None, [*args, f"out_dir={tmp_path / 'one'}"])))
+    sharded = _weights(_fsdp(args, tmp_path / "fsdp"))
+    assert int(sharded["stage_reached"]) == 1 and not any(k.startswith("encoder.") for k in sharded)  # the frozen encoder is not saved
+    assert _close(one, sharded) < 1e-5

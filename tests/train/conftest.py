@@ -72,8 +72,14 @@ def launch_two_processes(args: list[str], script: list[str] | None = None) -> su
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
+def failure(result: subprocess.CompletedProcess) -> str:
+    """What a failed two-process run said: rank 0's own lines (its traceback) when there are any, else the tail."""
+    rank0 = [line for line in result.stderr.splitlines() if line.startswith("[rank0]")]
+    return "\n".join(rank0)[-3000:] if rank0 else result.stderr[-3000:]
+
+
 def train_on_two_processes(args: list[str], out: Path) -> None:
     """``hyperbooth train *args out_dir=out`` on two processes (:func:`launch_two_processes`), checked to be two."""
     result = launch_two_processes(["train", *args, f"out_dir={out}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     assert "on 2 processes" in result.stderr, result.stderr[-3000:]

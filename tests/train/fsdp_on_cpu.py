@@ -7,6 +7,7 @@ and torch's own FSDP2 code (``fully_shard`` on a gloo device mesh). Run it with 
 import sys
 
 import accelerate
+import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -21,8 +22,21 @@ class FSDPOnCPU(accelerate.Accelerator):
         PartialState().distributed_type = DistributedType.FSDP  # both shared states (accelerate reads either)
         self.state.distributed_type = DistributedType.FSDP
         # the config's policy (what configs/accelerate/fsdp.yaml gives); the engine replaces it with the root-only wrap
-        self.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
-                                                                auto_wrap_policy="size_based_wrap", min_num_params=1000)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, reshard_after_forward=True, state_dict_type="FULL_STATE_DICT",
+                                                auto_wrap_policy="size_based_wrap", min_num_params=1000)
+        if self.state.mixed_precision != "no":  # as accelerate's own FSDP set-up does (the engine replaces the policy)
+            plugin.set_mixed_precision(self.state.mixed_precision)
+        self.state.fsdp_plugin = plugin
+
+    def prepare(self, *args):
+        prepared = super().prepare(*args)
+        from torch.distributed.tensor import DTensor
+
+        module = next(p for p in prepared if isinstance(p, torch.nn.Module))
+        trained = [p for p in module.parameters() if p.requires_grad]
+        assert trained and all(isinstance(p, DTensor) for p in trained), "FSDP2 did not shard the prepared module"
+        print("fsdp-check: every trained parameter is a DTensor shard", file=sys.stderr)
+        return prepared
 
 
 engine.Accelerator = FSDPOnCPU

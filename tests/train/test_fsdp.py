@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from hyperbooth.methods import WEIGHTS_NAME
 from hyperbooth.train.engine import load_train_config, train
-from tests.train.conftest import launch_two_processes
+from tests.train.conftest import failure, launch_two_processes
 
 DRIVER = [str(Path(__file__).resolve().parent / "fsdp_on_cpu.py")]
 TINY = ["hypernet={d_model: 32, layers: 1, heads: 2, encoder_dim: 16, rank: 2}", "optim.batch_size=4", "optim.warmup_steps=1",
@@ -20,8 +20,8 @@ TINY = ["hypernet={d_model: 32, layers: 1, heads: 2, encoder_dim: 16, rank: 2}",
 
 def _fsdp(args: list[str], out: Path, resume: bool = False):
     result = launch_two_processes(["train", *args, f"out_dir={out}", *(["--resume"] if resume else [])], script=DRIVER)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "on 2 processes (FSDP)" in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
+    assert "on 2 processes (FSDP)" in result.stderr and "fsdp-check: every trained parameter is a DTensor shard" in result.stderr, result.stderr[-3000:]
     return out / "hypernet"
 
 
@@ -63,3 +63,49 @@ def test_hyperlora_trains_under_fsdp(tiny_world_model, tmp_path):
     sharded = _weights(_fsdp(args, tmp_path / "fsdp"))
     assert int(sharded["stage_reached"]) == 1 and not any(k.startswith("encoder.") for k in sharded)  # the frozen encoder is not saved
     assert _close(one, sharded) < 1e-5
+
+
+def test_bf16_under_fsdp_trains_like_bf16_on_one_process(tiny_world_model, tmp_path):
+    """mixed_precision bf16: fp32 shards, the loss under autocast, fp32 gradient reduction — as on one process
+    (accelerate's FSDP2 default would cast the batch, timesteps included, to bf16)."""
+    import os
+    import subprocess
+    import sys
+
+    args = [*TINY, f"base_model={tiny_world_model}", "optim.max_steps=2", "checkpoint_every=2", "mixed_precision=bf16"]
+    single = subprocess.run([sys.executable, "-m", "hyperbooth", "train", *args, f"out_dir={tmp_path / 'one'}"], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # a fresh process: accelerate's state is per process
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = _weights(tmp_path / "one" / "hypernet")
+    sharded = _weights(_fsdp(args, tmp_path / "fsdp"))
+    assert all(v.dtype == torch.float32 for v in sharded.values())
+    assert _close(one, sharded) < 2e-3  # bf16 compute in another reduction order
+
+
+def test_what_fsdp_cannot_run_is_refused(tiny_world_model, tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+    from accelerate.utils import DistributedType
+
+    from hyperbooth.errors import ConfigError
+    from hyperbooth.train.sharding import check_distributed
+
+    def fsdp(**plugin):
+        settings = {"fsdp_version": 2, "auto_wrap_policy": None, "activation_checkpointing": False, "mixed_precision_policy": None, **plugin}
+        return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(**settings)))
+
+    with pytest.raises(ConfigError, match="adamw8bit.*does not run on FSDP shards"):
+        check_distributed(fsdp(), "adamw8bit")
+    with pytest.raises(ConfigError, match="gradient_checkpointing: true"):
+        check_distributed(fsdp(activation_checkpointing=True))
+    # a checkpoint written on one process (its optimizer state keyed by position) is refused under FSDP, named,
+    # and nothing in its folder changes
+    out, args = tmp_path / "single", [*TINY, f"base_model={tiny_world_model}", "optim.max_steps=2", "checkpoint_every=1"]
+    train(load_train_config(None, [*args, f"out_dir={out}"]))
+    shutil.rmtree(out / "checkpoints" / "step-0000002")
+    (out / "checkpoints" / "latest").write_text("step-0000001")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = launch_two_processes(["train", *args, f"out_dir={out}", "--resume"], script=DRIVER)
+    assert result.returncode != 0 and "was written without FSDP" in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -215,7 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
     method_cfg = method_config(cfg, method_cls)
     optimizer_class(cfg.optim)  # optim.optimizer="adamw8bit" without bitsandbytes fails here, before the backbone loads
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    sharding.check_distributed(accelerator)  # DeepSpeed and FSDP1 refused; FSDP2 shards the personalizer as one unit
+    sharding.check_distributed(accelerator, cfg.optim.optimizer)  # DeepSpeed, FSDP1 refused; FSDP2: the personalizer one fp32 unit
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     if cfg.optim.batch_size % world:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} must be divisible by the {world} processes")
@@ -271,7 +271,8 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
         while step < cfg.optim.max_steps:
             torch.manual_seed(step_seed(cfg.seed, step, rank))  # global draws in a method's loss (dropout): exact on resume
             batch = make_batch(next(loader), backbone, scheduler, cfg)
-            loss, scalars = objective(batch)
+            with sharding.autocast(accelerator):
+                loss, scalars = objective(batch)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, cfg.optim.grad_clip)
@@ -299,7 +300,7 @@ def train(cfg: TrainConfig, resume: bool = False, backbone: Backbone | None = No
                 # gathered on every process (a collective under FSDP), written by the main one
                 weights = sharding.full_model_state(accelerator, objective)
                 opt_state, layout = sharding.optimizer_state(accelerator, objective, optimizer)
-                shadows = sharding.ema_state(ema)
+                shadows = sharding.ema_state(ema) if accelerator.is_main_process or sharding.is_sharded(accelerator) else None
                 if accelerator.is_main_process:
                     extra = {"optimizer_layout": layout} if layout else {}
                     write_checkpoint(out, step, lambda folder: _write_checkpoint(

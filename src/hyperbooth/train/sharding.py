@@ -14,7 +14,10 @@ functions, and only the main process writes:
 
 The engine wraps the personalizer as one FSDP unit (``fully_shard`` on the root only): methods read their
 parameters outside submodule ``forward`` calls (basis tensors, heads applied by index), which a per-block wrap would
-leave sharded. The frozen backbone sits outside the prepared module and is never sharded (configs/accelerate/fsdp.yaml
+leave sharded. Mixed precision is the same as under DDP: fp32 parameters, gradients reduced in fp32, the loss under
+autocast (the engine's, :func:`autocast`); accelerate's FSDP2 default (bf16 parameters, inputs cast to bf16, bf16
+gradient reduction) would cast the whole training batch, timesteps included. Every process builds the personalizer
+from the same seed, so the shards they keep are of the same weights (FSDP2 broadcasts nothing at prepare). The frozen backbone sits outside the prepared module and is never sharded (configs/accelerate/fsdp.yaml
 says what that means for memory). DeepSpeed is refused: its engine replaces the optimizer and the module the
 personalizer's loss runs through, and it cannot be run on this project's CPU test machines.
 """
@@ -38,9 +41,9 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def check_distributed(accelerator) -> None:
-    """Refuse what the engine cannot run (DeepSpeed; FSDP version 1) and set FSDP2 to wrap the personalizer as one
-    unit (see the module docstring)."""
+def check_distributed(accelerator, optimizer: str = "adamw") -> None:
+    """Refuse what the engine cannot run (DeepSpeed; FSDP version 1; FSDP's own activation checkpointing; 8-bit AdamW
+    on shards) and set FSDP2 to wrap the personalizer as one unit in fp32 (see the module docstring)."""
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
         raise ConfigError("hyperbooth train runs data parallel (configs/accelerate/ddp.yaml) or FSDP2 (configs/accelerate/fsdp.yaml), not "
@@ -50,10 +53,28 @@ def check_distributed(accelerator) -> None:
     plugin = accelerator.state.fsdp_plugin
     if getattr(plugin, "fsdp_version", 1) != 2:
         raise ConfigError(f"hyperbooth train shards with FSDP2: set fsdp_version: 2 in the accelerate config (it has {getattr(plugin, 'fsdp_version', 1)})")
+    if getattr(plugin, "activation_checkpointing", False):
+        raise ConfigError("fsdp_activation_checkpointing: true is not used by hyperbooth train (the personalizer is one FSDP unit); "
+                          "set it to false and checkpoint the backbone with gradient_checkpointing: true")
+    if optimizer == "adamw8bit":
+        raise ConfigError("optim.optimizer='adamw8bit' does not run on FSDP shards (its block-quantised state does not follow "
+                          "them); use optim.optimizer='adamw' under FSDP, or adamw8bit with DDP (configs/accelerate/ddp.yaml)")
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
     if plugin.auto_wrap_policy is not None:
         log.info("FSDP2: the personalizer is sharded as one unit (the config's auto_wrap_policy is not used)")
     plugin.auto_wrap_policy = None
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32, output_dtype=None, cast_forward_inputs=False)
 
+
+def autocast(accelerator):
+    """The loss's mixed-precision context: under FSDP the engine's own autocast (accelerate applies it to a prepared
+    module under DDP and a single process, not under FSDP2); elsewhere nothing (accelerate's is already there)."""
+    import contextlib
+
+    if not is_sharded(accelerator) or accelerator.mixed_precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16)
 
 def unwrap(accelerator, objective):
     return accelerator.unwrap_model(objective)
@@ -121,6 +142,8 @@ def load_ema_state(ema, state: dict, params: list[torch.nn.Parameter], device) -
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     shadows = []
+    if len(state["shadow_params"]) != len(params):
+        raise ConfigError(f"--resume: the checkpoint's EMA holds {len(state['shadow_params'])} tensors for {len(params)} trained parameters")
     for shadow, p in zip(state["shadow_params"], params):
         shadow = shadow.to(device=device, dtype=p.dtype)
         shadows.append(distribute_tensor(shadow, p.device_mesh, p.placements) if isinstance(p, DTensor) else shadow)

@@ -3,13 +3,21 @@ the sharded run gives the update of one process with the whole batch (EMA and gr
 checkpoints hold full tensors and resume exactly under FSDP and on one process, and HyperLoRA (a frozen encoder and a
 buffer inside the sharded module) trains and saves."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
+from hyperbooth.errors import ConfigError
 from hyperbooth.methods import WEIGHTS_NAME
+from hyperbooth.train.sharding import check_distributed
 from hyperbooth.train.engine import load_train_config, train
 from tests.train.conftest import failure, launch_two_processes
 
@@ -29,7 +37,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / WEIGHTS_NAME)
 
 
-def _close(a: dict, b: dict, atol: float = 1e-5) -> float:
+def _close(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
@@ -68,10 +76,6 @@ def test_hyperlora_trains_under_fsdp(tiny_world_model, tmp_path):
 def test_bf16_under_fsdp_trains_like_bf16_on_one_process(tiny_world_model, tmp_path):
     """mixed_precision bf16: fp32 shards, the loss under autocast, fp32 gradient reduction — as on one process
     (accelerate's FSDP2 default would cast the batch, timesteps included, to bf16)."""
-    import os
-    import subprocess
-    import sys
-
     args = [*TINY, f"base_model={tiny_world_model}", "optim.max_steps=2", "checkpoint_every=2", "mixed_precision=bf16"]
     single = subprocess.run([sys.executable, "-m", "hyperbooth", "train", *args, f"out_dir={tmp_path / 'one'}"], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # a fresh process: accelerate's state is per process
@@ -83,14 +87,6 @@ def test_bf16_under_fsdp_trains_like_bf16_on_one_process(tiny_world_model, tmp_p
 
 
 def test_what_fsdp_cannot_run_is_refused(tiny_world_model, tmp_path):
-    from types import SimpleNamespace
-
-    import pytest
-    from accelerate.utils import DistributedType
-
-    from hyperbooth.errors import ConfigError
-    from hyperbooth.train.sharding import check_distributed
-
     def fsdp(**plugin):
         settings = {"fsdp_version": 2, "auto_wrap_policy": None, "activation_checkpointing": False, "mixed_precision_policy": None, **plugin}
         return SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(**settings)))

@@ -6,12 +6,12 @@ import shutil
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from PIL import Image
 
 from hyperbooth.backbones import load_backbone
 from hyperbooth.backbones.world import WorldBackbone
 from hyperbooth.cli import main
 from hyperbooth.errors import CheckpointError
+from hyperbooth.evaluation.metrics import to_pil
 from hyperbooth.generate import generate
 from hyperbooth.lora import load_lora
 from hyperbooth.methods import SHIPPED_E2E, SHIPPED_HYPERDREAMBOOTH, SHIPPED_HYPERLORA, E2EHyperNetwork
@@ -85,7 +85,7 @@ def test_shipped_hypernetwork_personalizes_the_shipped_base_model(tmp_path):
     diff = sum(float((d[0] - d[1]).norm()) for d in deltas.values())
     assert diff > 0  # two identities get two different LoRAs
     ref = tmp_path / "ref.png"
-    Image.fromarray(((refs[0, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(ref)
+    to_pil(refs[0])[0].save(ref)
     assert main(["personalize", "--images", str(ref), "--out", str(tmp_path / "s.safetensors"), "--format", "kohya"]) == 0
     written = load_lora(tmp_path / "s.safetensors", WorldBackbone.from_pretrained().unet)
     assert written.format == "kohya" and written.metadata["hyperbooth.method"] == "e2e"
@@ -107,7 +107,7 @@ def test_shipped_hyperdreambooth_and_hyperlora_personalize_from_the_command_line
     assert all(torch.isfinite(d).all() for d in deltas.values())
     assert sum(float((d[0] - d[1]).norm()) for d in deltas.values()) > 0
     ref = tmp_path / "ref.png"
-    Image.fromarray(((refs[0, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(ref)
+    to_pil(refs[0])[0].save(ref)
     out = tmp_path / "s.safetensors"
     assert main(["personalize", "--method", method, "--images", str(ref), "--class-name", "ball", "--out", str(out)]) == 0
     assert load_lora(out, backbone.unet).metadata["hyperbooth.method"] == method

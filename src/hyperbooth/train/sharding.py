@@ -17,8 +17,9 @@ parameters outside submodule ``forward`` calls (basis tensors, heads applied by 
 leave sharded. Mixed precision is the same as under DDP: fp32 parameters, gradients reduced in fp32, the loss under
 autocast (the engine's, :func:`autocast`); accelerate's FSDP2 default (bf16 parameters, inputs cast to bf16, bf16
 gradient reduction) would cast the whole training batch, timesteps included. Every process builds the personalizer
-from the same seed, so the shards they keep are of the same weights (FSDP2 broadcasts nothing at prepare). The frozen backbone sits outside the prepared module and is never sharded (configs/accelerate/fsdp.yaml
-says what that means for memory). DeepSpeed is refused: its engine replaces the optimizer and the module the
+from the same seed, so the shards they keep are of the same weights (FSDP2 broadcasts nothing at prepare). The
+frozen backbone sits outside the prepared module and is never sharded (configs/accelerate/fsdp.yaml says what that
+means for memory). DeepSpeed is refused: its engine replaces the optimizer and the module the
 personalizer's loss runs through, and it cannot be run on this project's CPU test machines.
 """
 
@@ -76,9 +77,6 @@ def autocast(accelerator):
         return contextlib.nullcontext()
     return torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16)
 
-def unwrap(accelerator, objective):
-    return accelerator.unwrap_model(objective)
-
 
 def full_model_state(accelerator, objective) -> dict[str, torch.Tensor]:
     """The personalizer's full state dict (names without the ``personalizer.`` prefix of the engine's objective);
@@ -86,9 +84,9 @@ def full_model_state(accelerator, objective) -> dict[str, torch.Tensor]:
     if is_sharded(accelerator):  # what accelerator.get_state_dict does for FSDP2
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(unwrap(accelerator, objective), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = get_model_state_dict(accelerator.unwrap_model(objective), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
-        state = unwrap(accelerator, objective).state_dict()
+        state = accelerator.unwrap_model(objective).state_dict()
     prefix = "personalizer."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -102,7 +100,7 @@ def optimizer_state(accelerator, objective, optimizer) -> tuple[dict, str | None
 
     inner = getattr(optimizer, "optimizer", optimizer)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(unwrap(accelerator, objective), inner, options=options), NAMED_LAYOUT
+    return get_optimizer_state_dict(accelerator.unwrap_model(objective), inner, options=options), NAMED_LAYOUT
 
 
 def load_optimizer_state(accelerator, objective, optimizer, state: dict, layout: str | None, source: str) -> None:
@@ -119,7 +117,7 @@ def load_optimizer_state(accelerator, objective, optimizer, state: dict, layout:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)
-    set_optimizer_state_dict(unwrap(accelerator, objective), inner, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(accelerator.unwrap_model(objective), inner, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
